@@ -1,0 +1,200 @@
+"""The local end of the remote agent (``remote_agent.py``), spoken over one SSH exec channel.
+
+The agent is a stdlib-only Python program sent as the channel's first bytes. It launches
+kernels detached in their own process groups, delivers signals, reports exits and removes
+kernel files. The protocol is JSON lines: requests ``{"id", "op", ...}``, replies
+``{"re", "ok", ...}`` and events ``{"event", ...}``. One agent serves every kernel of one
+interpreter on one connection, so kernels cost no SSH session (sshd's MaxSessions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import shlex
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import asyncssh
+
+from .errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+BOOTSTRAP = (
+    "import sys;n=int(sys.stdin.buffer.readline());"
+    'exec(compile(sys.stdin.buffer.read(n),"jrp-agent","exec"))'
+)
+EXIT_COMMAND_NOT_FOUND = 127
+STDERR_TAIL = 2000
+
+ExitCallback = Callable[[int, str], None]
+
+
+def agent_source() -> bytes:
+    """The remote agent program, as sent to the remote interpreter."""
+    return resources.files(__package__).joinpath("remote_agent.py").read_bytes()
+
+
+def remote_command(python: str) -> str:
+    """The exec command starting ``python`` on the agent bootstrap (``~/`` expanded remotely)."""
+    if python.startswith("~/"):
+        interpreter = '"$HOME"/' + shlex.quote(python[2:])
+    else:
+        interpreter = shlex.quote(python)
+    return f"exec {interpreter} -c {shlex.quote(BOOTSTRAP)}"
+
+
+class AgentError(Exception):
+    """The agent answered ``ok: false``; ``reply`` holds its fields."""
+
+    def __init__(self, reply: dict[str, Any]) -> None:
+        super().__init__(reply.get("error", "remote agent request failed"))
+        self.reply = reply
+
+
+class AgentLost(Exception):
+    """The agent's channel closed before it answered."""
+
+
+class _Session(asyncssh.SSHClientSession[bytes]):
+    def __init__(self, agent: RemoteAgent) -> None:
+        self._agent = agent
+        self._buffer = b""
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self._agent.stderr = (self._agent.stderr + data.decode(errors="replace"))[-STDERR_TAIL:]
+            return
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self._agent.dispatch(line)
+
+    def exit_status_received(self, status: int) -> None:
+        self._agent.exit_status = status
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._agent.channel_closed()
+
+
+class RemoteAgent:
+    """One running remote agent: send requests, await replies, receive kernel exits."""
+
+    def __init__(self, python: str, host_label: str) -> None:
+        self.python = python
+        self.host_label = host_label
+        self.hello: dict[str, Any] = {}
+        self.stderr = ""
+        self.exit_status: int | None = None
+        self.closed = asyncio.Event()
+        self._channel: asyncssh.SSHClientChannel[bytes] | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._exit_callbacks: dict[str, ExitCallback] = {}
+        self._hello = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def start(
+        cls, conn: asyncssh.SSHClientConnection, python: str, host_label: str, timeout: float
+    ) -> RemoteAgent:
+        """Run the agent with ``python`` on ``conn`` and wait for its hello."""
+        agent = cls(python, host_label)
+        channel, _ = await conn.create_session(
+            lambda: _Session(agent), remote_command(python), encoding=None
+        )
+        agent._channel = channel
+        source = agent_source()
+        channel.write(b"%d\n" % len(source) + source)
+        try:
+            agent.hello = await asyncio.wait_for(asyncio.shield(agent._hello), timeout)
+        except asyncio.TimeoutError:
+            await agent.close()
+            raise LaunchError(
+                f"remote python {python} on {host_label} did not start within {timeout:g} s"
+            ) from None
+        except AgentLost:
+            raise agent._start_failure() from None
+        return agent
+
+    def _start_failure(self) -> LaunchError:
+        tail = " | ".join(self.stderr.strip().splitlines()[-3:])
+        if self.exit_status == EXIT_COMMAND_NOT_FOUND:
+            return LaunchError(
+                f"remote python {self.python!r} was not found on {self.host_label}; set `python` "
+                f"in the kernelspec to the full path of an interpreter that exists there"
+            )
+        return LaunchError(
+            f"remote python {self.python} on {self.host_label} failed to start "
+            f"(exit status {self.exit_status}): {tail or 'no error output'}"
+        )
+
+    async def request(self, op: str, reply_timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+        """Send one request; return its reply or raise AgentError / AgentLost / TimeoutError."""
+        if self.closed.is_set() or self._channel is None:
+            raise AgentLost(f"the remote agent on {self.host_label} is gone")
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        self._channel.write(json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n")
+        try:
+            reply = await asyncio.wait_for(future, reply_timeout)
+        finally:
+            self._pending.pop(request_id, None)
+        if not reply.get("ok"):
+            raise AgentError(reply)
+        return reply
+
+    def on_exit(self, kernel: str, callback: ExitCallback | None) -> None:
+        """Call ``callback(status, log_tail)`` when ``kernel`` exits (None to stop watching)."""
+        if callback is None:
+            self._exit_callbacks.pop(kernel, None)
+        else:
+            self._exit_callbacks[kernel] = callback
+
+    def dispatch(self, line: bytes) -> None:
+        """Route one line from the agent: a reply, the hello, or an event."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.warning("remote agent on %s sent a malformed line", self.host_label)
+            return
+        if "re" in message:
+            future = self._pending.get(message["re"])
+            if future is not None and not future.done():
+                future.set_result(message)
+            return
+        event = message.get("event")
+        if event == "hello" and not self._hello.done():
+            self._hello.set_result(message)
+        elif event == "exited":
+            callback = self._exit_callbacks.pop(str(message.get("kernel")), None)
+            if callback is not None:
+                callback(int(message.get("status", -1)), message.get("log_tail") or "")
+        elif event == "fatal":
+            self.stderr += str(message.get("error", ""))
+        elif event == "log":
+            log.info("remote agent on %s: %s", self.host_label, message.get("message"))
+
+    def channel_closed(self) -> None:
+        """The channel is gone: fail every waiter."""
+        self.closed.set()
+        if not self._hello.done():
+            self._hello.set_exception(AgentLost())
+            self._hello.exception()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(AgentLost(f"the remote agent on {self.host_label} is gone"))
+
+    async def close(self) -> None:
+        """End the agent by closing its stdin; it stops its kernels and removes their files."""
+        if self._channel is not None and not self.closed.is_set():
+            self._channel.write_eof()
+            try:
+                await asyncio.wait_for(self.closed.wait(), 5)
+            except asyncio.TimeoutError:
+                self._channel.close()

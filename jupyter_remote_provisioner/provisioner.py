@@ -1,0 +1,218 @@
+"""``RemoteSSHProvisioner``: the jupyter_client kernel lifecycle, mapped onto a RemoteKernel.
+
+jupyter_client builds this class with the kernelspec's ``metadata.kernel_provisioner.config``
+as keyword arguments. Each step below is thin: the work happens in :mod:`.kernel` on the
+package's own event loop (:mod:`.loop`), so SSH traffic flows whatever the caller's loop does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from string import Template
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Dict, Enum, Float, List, Unicode, Union
+from traitlets import TraitError
+
+from . import loop
+from .errors import ConfigError
+from .kernel import KernelSettings, RemoteKernel
+from .target import DEFAULT_SSH_CONFIG, resolve
+
+# Environment variables of the local side that describe the session, not the machine.
+SESSION_ENV = ("JPY_SESSION_NAME",)
+
+
+class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs the kernel on a remote host over SSH, through jump hosts when configured."""
+
+    host = Unicode("", config=True, help="[user@]host[:port] or a Host alias from the ssh config.")
+    jump = Union(
+        [List(Unicode()), Unicode()],
+        default_value=[],
+        config=True,
+        help="Jump hosts in order, like ssh -J: a list or a comma-separated string.",
+    )
+    python = Unicode("python3", config=True, help="The remote interpreter that runs ipykernel.")
+    kernel_argv = List(
+        Unicode(),
+        config=True,
+        help="Remote command for kernels that are not ipykernel; must contain {connection_file}.",
+    )
+    env = Dict(value_trait=Unicode(), config=True, help="Environment of the remote kernel.")
+    cwd = Unicode(None, allow_none=True, config=True, help="Remote working directory (default: home).")
+    ssh_config = Union(
+        [Unicode(), List(Unicode())],
+        default_value=DEFAULT_SSH_CONFIG,
+        allow_none=True,
+        config=True,
+        help="ssh config file(s) to read, like ssh does; null turns it off.",
+    )
+    identity_file = Unicode(None, allow_none=True, config=True, help="Private key to log in with.")
+    known_hosts = Unicode(
+        None, allow_none=True, config=True, help="known_hosts file (default: ~/.ssh/known_hosts)."
+    )
+    transport = Enum(
+        ["auto", "ipc", "tcp"],
+        default_value="auto",
+        config=True,
+        help="How the remote kernel listens: Unix sockets in a private directory (ipc) or "
+        "loopback ports (tcp). auto: ipc for ipykernel, tcp for kernel_argv.",
+    )
+    connect_timeout = Float(15.0, config=True, help="Seconds allowed for each SSH hop to connect.")
+    launch_timeout = Float(60.0, config=True, help="Seconds allowed for the kernel to start.")
+    keepalive_interval = Float(15.0, config=True, help="Seconds between SSH keepalives.")
+
+    CONFIG_KEYS = (
+        "host", "jump", "python", "kernel_argv", "env", "cwd", "ssh_config", "identity_file",
+        "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
+    )  # fmt: skip
+    _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(self.CONFIG_KEYS) - set(self._BASE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {', '.join(map(repr, unknown))} in metadata.kernel_provisioner"
+                f".config; valid keys: {', '.join(self.CONFIG_KEYS)}"
+            )
+        try:
+            super().__init__(**kwargs)
+        except TraitError as exc:
+            raise ConfigError(f"invalid metadata.kernel_provisioner.config: {exc}") from None
+        if not self.host.strip():
+            raise ConfigError(
+                "metadata.kernel_provisioner.config has no `host`; set it to [user@]host[:port] "
+                "or a Host alias from your ssh config"
+            )
+        if self.kernel_argv and not any("{connection_file}" in a for a in self.kernel_argv):
+            raise ConfigError("kernel_argv must contain {connection_file}")
+        self.connection_info = {}
+        self._kernel: RemoteKernel | None = None
+        self._remote_env: dict[str, str] = {}
+        self._restart_requested = False
+        self._holds_loop = False
+
+    # -- settings ----------------------------------------------------------------------
+
+    def settings(self) -> KernelSettings:
+        """Resolve the target (ssh config merge) and gather the kernel's settings."""
+        ssh_config: Any = ... if self.ssh_config == DEFAULT_SSH_CONFIG else self.ssh_config
+        target = resolve(self.host, self.jump or None, ssh_config, self.identity_file, self.known_hosts)
+        transport = self.transport
+        if transport == "auto":
+            transport = "tcp" if self.kernel_argv else "ipc"
+        return KernelSettings(
+            target=target,
+            python=self.python,
+            kernel_argv=tuple(self.kernel_argv),
+            env=dict(self.env),
+            cwd=self.cwd,
+            transport=transport,
+            connect_timeout=self.connect_timeout,
+            launch_timeout=self.launch_timeout,
+            keepalive_interval=self.keepalive_interval,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        return self._kernel is not None and self._kernel.pid is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Resolve the target and prepare the remote environment; no local connection file."""
+        local_env = dict(kwargs.pop("env", os.environ))
+        spec_env = self.kernel_spec.env if self.kernel_spec else {}
+        remote_env = {k: Template(v).safe_substitute(local_env) for k, v in spec_env.items()}
+        remote_env.update({k: local_env[k] for k in SESSION_ENV if k in local_env})
+        self._remote_env = remote_env
+        kwargs.pop("extra_arguments", None)
+        settings = self.settings()
+        if self._kernel is None:
+            self._kernel = RemoteKernel(self.kernel_id or str(uuid.uuid4()), settings, self.log)
+        else:
+            self._kernel.settings = settings
+        kwargs["cmd"] = settings.argv()
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the remote kernel and its forwards; return connection info with local ports."""
+        assert self._kernel is not None, "pre_launch was not called"
+        km = self.parent
+        session = getattr(km, "session", None)
+        key = session.key if session is not None else uuid.uuid4().hex.encode()
+        info = {
+            "key": key,
+            "signature_scheme": getattr(session, "signature_scheme", "hmac-sha256"),
+            "kernel_name": getattr(km, "kernel_name", "") or "",
+        }
+        if not self._holds_loop:
+            loop.acquire()
+            self._holds_loop = True
+        try:
+            self.connection_info = await loop.call(self._kernel.start(info, self._remote_env))
+        except BaseException:
+            # The kernel has closed its forwards and connection; drop the loop too.
+            self._kernel = None
+            self._release_loop()
+            raise
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        """The exit status pushed by the remote agent: no network round trip."""
+        kernel = self._kernel
+        if kernel is None or kernel.pid is None:
+            return 0
+        if kernel.running:
+            return None
+        return kernel.exit_status if kernel.exit_status is not None else 0
+
+    async def wait(self) -> int | None:
+        """Wait for the remote kernel process to end."""
+        kernel = self._kernel
+        if kernel is None or kernel.pid is None:
+            return 0
+        status = await loop.call(kernel.wait())
+        kernel.pid = None
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the kernel's process group on the remote host (through the agent)."""
+        if self._kernel is not None and self._kernel.pid is not None:
+            await loop.call(self._kernel.signal(signum))
+
+    async def kill(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        # terminate()/kill() do not reliably get restart=True (jupyter_client #1061).
+        self._restart_requested = restart
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """On restart keep the connection and local ports; otherwise release everything."""
+        kernel = self._kernel
+        if kernel is None or restart:
+            return
+        self._kernel = None
+        try:
+            await loop.call(kernel.close())
+        finally:
+            self._release_loop()
+
+    def _release_loop(self) -> None:
+        if self._holds_loop:
+            self._holds_loop = False
+            loop.release()
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info.update({"host": self.host, "jump": self.jump})
+        return info

@@ -1,0 +1,276 @@
+"""SSH connections: through the jump chain, host keys verified, one shared per target.
+
+Every hop is authenticated and its host key checked against known_hosts exactly like the
+kernel's host. Failures become one-line :class:`ConnectError` messages that name the hop
+and the remedy. :class:`ConnectionPool` shares one connection per target among all kernels
+of this process; it closes the connection when the last kernel lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from .errors import ConnectError
+from .target import Hop, Target
+
+log = logging.getLogger(__name__)
+
+# AES-GCM is several times faster than asyncssh's default chacha20 on CPUs with AES-NI.
+FAST_CIPHERS = [
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+]
+KEEPALIVE_COUNT_MAX = 3
+
+
+class _Client(asyncssh.SSHClient):
+    """Reports the loss of the connection to whoever owns it."""
+
+    def __init__(self, on_lost: Callable[[Exception | None], None] | None = None) -> None:
+        self._on_lost = on_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._on_lost:
+            self._on_lost(exc)
+
+
+class Connection:
+    """One SSH connection to a target, plus the jump connections it runs through."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.ssh: asyncssh.SSHClientConnection | None = None
+        self.jumps: list[asyncssh.SSHClientConnection] = []
+        self.users = 0
+        self.lost = asyncio.Event()
+        self.lost_listeners: list[Callable[[], None]] = []
+        self.resources: dict[Any, Any] = {}  # per-connection singletons (agents), or futures of them
+        self.connect_seconds = 0.0
+
+    async def open(self, connect_timeout: float, keepalive_interval: float) -> None:
+        """Connect hop by hop; on any failure close what was opened and raise ConnectError."""
+        started = time.monotonic()
+        opened: list[asyncssh.SSHClientConnection] = []
+        try:
+            for index, hop in enumerate(self.target.hops):
+                is_last = index == len(self.target.hops) - 1
+                conn = await _connect_hop(
+                    self.target,
+                    index,
+                    tunnel=opened[-1] if opened else None,
+                    connect_timeout=connect_timeout,
+                    keepalive_interval=keepalive_interval,
+                    on_lost=self._connection_lost if is_last else None,
+                )
+                opened.append(conn)
+        except BaseException:
+            await _close_all(opened)
+            raise
+        self.ssh, self.jumps = opened[-1], opened[:-1]
+        self.connect_seconds = time.monotonic() - started
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set()
+        for listener in list(self.lost_listeners):
+            listener()
+
+    async def close(self) -> None:
+        """Close the target connection, then the jump connections in reverse order."""
+        for resource in list(self.resources.values()):
+            if isinstance(resource, asyncio.Future):
+                if not resource.done():
+                    resource.cancel()
+                    continue
+                if resource.cancelled() or resource.exception() is not None:
+                    continue
+                resource = resource.result()
+            close = getattr(resource, "close", None)
+            if close is not None:
+                await close()
+        self.resources.clear()
+        await _close_all(self.jumps + ([self.ssh] if self.ssh else []))
+        self.ssh, self.jumps = None, []
+
+
+class ConnectionPool:
+    """One shared :class:`Connection` per target for the whole process (package loop only)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[Target, asyncio.Future[Connection]] = {}
+
+    async def acquire(
+        self, target: Target, connect_timeout: float, keepalive_interval: float
+    ) -> Connection:
+        """Return the live connection to ``target``, connecting if there is none."""
+        entry = self._entries.get(target)
+        if entry is not None and entry.done() and not entry.exception():
+            if entry.result().lost.is_set():
+                del self._entries[target]
+                entry = None
+        if entry is None:
+            entry = asyncio.get_running_loop().create_future()
+            self._entries[target] = entry
+            connection = Connection(target)
+            try:
+                await connection.open(connect_timeout, keepalive_interval)
+            except BaseException as exc:
+                del self._entries[target]
+                if isinstance(exc, asyncio.CancelledError):
+                    entry.cancel()
+                else:
+                    entry.set_exception(exc)
+                    entry.exception()  # mark retrieved: concurrent waiters still get it
+                raise
+            entry.set_result(connection)
+        connection = await asyncio.shield(entry)
+        connection.users += 1
+        return connection
+
+    async def release(self, connection: Connection) -> None:
+        """Drop one user; the last one closes the connection."""
+        connection.users -= 1
+        if connection.users > 0:
+            return
+        entry = self._entries.get(connection.target)
+        if entry is not None and entry.done() and entry.result() is connection:
+            del self._entries[connection.target]
+        await connection.close()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+POOL = ConnectionPool()
+
+
+async def _connect_hop(
+    target: Target,
+    index: int,
+    tunnel: asyncssh.SSHClientConnection | None,
+    connect_timeout: float,
+    keepalive_interval: float,
+    on_lost: Callable[[Exception | None], None] | None,
+) -> asyncssh.SSHClientConnection:
+    hop = target.hops[index]
+    options: dict[str, Any] = {
+        "port": hop.port,
+        "username": hop.user,
+        "config": list(target.config_paths),
+        "tunnel": tunnel,
+        "known_hosts": _known_hosts(hop),
+        "keepalive_interval": keepalive_interval,
+        "keepalive_count_max": KEEPALIVE_COUNT_MAX,
+        "connect_timeout": connect_timeout,
+        "client_factory": lambda: _Client(on_lost),
+    }
+    keys = [path for path in hop.identity_files if os.path.isfile(path)]
+    if keys:
+        options["client_keys"] = keys
+    if not hop.has_ciphers:
+        options["encryption_algs"] = FAST_CIPHERS
+    try:
+        return await asyncio.wait_for(asyncssh.connect(hop.alias, **options), connect_timeout)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        raise explain(exc, target, index, connect_timeout) from exc
+
+
+def _known_hosts(hop: Hop) -> Any:
+    """The hop's known_hosts files; an empty list (trust nothing) when none exists."""
+    files = [path for path in hop.known_hosts if os.path.isfile(path)]
+    return files if files else asyncssh.import_known_hosts("")
+
+
+def explain(exc: Exception, target: Target, index: int, timeout: float) -> ConnectError:
+    """Turn an asyncssh/OS failure on hop ``index`` into a one-line message with a remedy."""
+    hop = target.hops[index]
+    role = "jump host" if index < len(target.hops) - 1 else "host"
+    via = target.hops[index - 1] if index > 0 else None
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return ConnectError(
+            f"no answer from {role} {hop.label} within {timeout:g} s; check that it is up and "
+            f"reachable (network, VPN) or raise connect_timeout"
+        )
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return _host_key_error(target, index)
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return ConnectError(
+            f"authentication as {hop.user} to {role} {hop.label} failed; check identity_file "
+            f"(or IdentityFile in the ssh config) and that its public key is in "
+            f"~/.ssh/authorized_keys there"
+        )
+    if isinstance(exc, asyncssh.ChannelOpenError) and via is not None:
+        return ConnectError(
+            f"jump host {via.label} could not open a connection to {role} {hop.label}: "
+            f"{exc.reason}; check that {hop.hostname}:{hop.port} is right and up as seen from "
+            f"{via.alias}"
+        )
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(
+            f"cannot resolve the name of {role} {hop.hostname!r}; check the host name "
+            f"(or its HostName in the ssh config)"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectError(
+            f"{role} {hop.label} refused the connection on port {hop.port}; check that sshd "
+            f"runs there and that the port is right"
+        )
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return ConnectError(
+            f"{role} {hop.label} is unreachable ({os.strerror(exc.errno)}); check the network "
+            f"or VPN"
+        )
+    if isinstance(exc, asyncssh.KeyImportError):
+        return ConnectError(f"cannot load the identity file for {hop.label}: {exc}")
+    if isinstance(exc, asyncssh.DisconnectError):
+        return ConnectError(f"{role} {hop.label} closed the connection during setup: {exc.reason}")
+    return ConnectError(f"cannot connect to {role} {hop.label}: {exc}")
+
+
+def _host_key_error(target: Target, index: int) -> ConnectError:
+    hop = target.hops[index]
+    reach = Target(target.hops[: index + 1]).ssh_command()
+    files = [path for path in hop.known_hosts if os.path.isfile(path)]
+    known_file = _tilde(files[0] if files else hop.known_hosts[0])
+    for path in files:
+        known = asyncssh.read_known_hosts(path)
+        for name in {hop.hostname, hop.alias}:
+            if any(known.match(name, "", hop.port)):
+                name_arg = f"[{name}]:{hop.port}" if hop.port != 22 else name
+                return ConnectError(
+                    f"host key for {hop.label} does NOT match {_tilde(path)}: the host was "
+                    f"reinstalled or the connection is intercepted; if you trust the change, run "
+                    f"`ssh-keygen -f {_tilde(path)} -R '{name_arg}'` then `{reach}` to check and "
+                    f"add the new key"
+                )
+    return ConnectError(
+        f"host key for {hop.label} is not in {known_file}; run `{reach}` once to check and add it"
+    )
+
+
+def _tilde(path: str) -> str:
+    home = str(Path.home())
+    return "~" + path[len(home) :] if path.startswith(home + os.sep) else path
+
+
+async def _close_all(conns: list[asyncssh.SSHClientConnection]) -> None:
+    for conn in reversed(conns):
+        conn.close()
+        try:
+            await asyncio.wait_for(conn.wait_closed(), 5)
+        except (asyncio.TimeoutError, OSError, asyncssh.Error):
+            log.debug("timed out closing an SSH connection")

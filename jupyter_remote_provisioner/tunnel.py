@@ -1,0 +1,113 @@
+"""The five forwards of one kernel: loopback listeners carried over SSH to its endpoints.
+
+The listeners are our own (not asyncssh's forward listeners, which die with their
+connection): they keep their local ports across a kernel restart and can be pointed at a
+new connection or new remote endpoints, so connected clients simply reconnect. Each
+accepted connection opens one SSH channel to the kernel's Unix socket (or loopback port);
+those channels do not count against sshd's MaxSessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+
+import asyncssh
+from asyncssh.forward import SSHForwarder, SSHLocalPortForwarder
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+LOOPBACK = "127.0.0.1"
+
+Endpoint = str | int  # a remote Unix socket path, or a remote loopback TCP port
+
+
+class _Forwarder(SSHLocalPortForwarder):
+    """asyncssh's local forwarder, remembered by its tunnel so closing it closes the stream."""
+
+    def __init__(self, tunnel: KernelTunnel, conn: asyncssh.SSHClientConnection, dest: Endpoint):
+        super().__init__(conn, self._open)
+        self._dest = dest
+        self._tunnel = tunnel
+        tunnel.active.add(self)
+
+    async def _open(self, session_factory: object, _host: str, _port: int) -> object:
+        conn = self._conn
+        if isinstance(self._dest, int):
+            return await conn.create_connection(session_factory, LOOPBACK, self._dest)  # type: ignore[arg-type]
+        return await conn.create_unix_connection(session_factory, self._dest)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self._tunnel.active.discard(self)
+        super().close()
+
+
+class _Refuse(asyncio.Protocol):
+    """Closes connections that arrive while the kernel has no live endpoint."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class KernelTunnel:
+    """Loopback listeners for the five channels, retargetable while they stay bound."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+        self.active: set[SSHForwarder] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._endpoints: dict[str, Endpoint] = {}
+
+    async def open(self, ports: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Bind the listeners on 127.0.0.1: the given ports (launcher mode) or ephemeral ones."""
+        if self._servers:
+            return self.ports
+        loop = asyncio.get_running_loop()
+        try:
+            for name in CHANNELS:
+                wanted = ports.get(f"{name}_port", 0) if ports else 0
+                server = await loop.create_server(
+                    lambda name=name: self._accept(name), LOOPBACK, wanted  # type: ignore[misc]
+                )
+                self._servers.append(server)
+                self.ports[name] = server.sockets[0].getsockname()[1]
+        except BaseException:
+            await self.close()
+            raise
+        return self.ports
+
+    def retarget(self, conn: asyncssh.SSHClientConnection | None, endpoints: Mapping[str, Endpoint]) -> None:
+        """Send new client connections to ``endpoints`` over ``conn`` (None: refuse them)."""
+        self._conn = conn
+        self._endpoints = dict(endpoints)
+
+    def drop_connections(self) -> None:
+        """Close every forwarded stream, so clients reconnect to the current target."""
+        for forwarder in list(self.active):
+            forwarder.close()
+
+    def _accept(self, name: str) -> asyncio.BaseProtocol:
+        dest = self._endpoints.get(name)
+        if self._conn is None or dest is None:
+            return _Refuse()
+        return _Forwarder(self, self._conn, dest)
+
+    async def close(self) -> None:
+        """Stop listening and close every forwarded stream."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        self.drop_connections()
+        for server in servers:
+            try:
+                await asyncio.wait_for(server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                log.debug("timed out closing a forward listener")
+        self._conn, self._endpoints, self.ports = None, {}, {}
+
+    def connection_info(self) -> dict[str, int]:
+        """``shell_port`` … ``control_port`` as jupyter_client names them."""
+        return {f"{name}_port": port for name, port in self.ports.items()}
