@@ -15,8 +15,7 @@ from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, List, Unicode, Union
-from traitlets import TraitError
+from traitlets import Dict, Enum, Float, List, TraitError, Unicode, Union
 
 from . import loop
 from .errors import ConfigError

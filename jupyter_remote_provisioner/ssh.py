@@ -116,10 +116,9 @@ class ConnectionPool:
     ) -> Connection:
         """Return the live connection to ``target``, connecting if there is none."""
         entry = self._entries.get(target)
-        if entry is not None and entry.done() and not entry.exception():
-            if entry.result().lost.is_set():
-                del self._entries[target]
-                entry = None
+        if entry is not None and entry.done() and entry.result().lost.is_set():
+            del self._entries[target]
+            entry = None
         if entry is None:
             entry = asyncio.get_running_loop().create_future()
             self._entries[target] = entry

@@ -1,0 +1,476 @@
+"""Tests for the remote agent, run locally exactly as the provisioner runs it over SSH.
+
+Real processes and real ipykernels, no mocks. Every wait is bounded by a deadline.
+"""
+
+import ast
+import contextlib
+import glob
+import importlib.metadata
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from jupyter_client import BlockingKernelClient
+
+AGENT_PATH = (
+    Path(__file__).resolve().parent.parent / "jupyter_remote_provisioner" / "remote_agent.py"
+)
+AGENT_SOURCE = AGENT_PATH.read_bytes()
+BOOTSTRAP = (
+    "exec {python} -c 'import sys;n=int(sys.stdin.buffer.readline());"
+    'exec(compile(sys.stdin.buffer.read(n),"jrp-agent","exec"))\''
+)
+IPYKERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+TIMEOUT = 30.0
+
+
+def deadline_wait(predicate, timeout, what):
+    """Poll predicate until true or the deadline passes (then fail with `what`)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def process_gone(pid):
+    """True if pid no longer exists or is a zombie nobody has reaped yet."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class Agent:
+    """Runs the agent via the real bootstrap command and speaks its JSON-lines protocol."""
+
+    def __init__(self, python=sys.executable, env=None):
+        cmd = ["sh", "-c", BOOTSTRAP.format(python=shlex.quote(python))]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+        )
+        self.cond = threading.Condition()
+        self.replies, self.events, self.eof = {}, [], False
+        self.next_id, self.write_lock = 0, threading.Lock()
+        self.pgids, self.dirs = [], []  # everything launched, for cleanup
+        threading.Thread(target=self._reader, daemon=True).start()
+        self.proc.stdin.write(b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE)
+        self.proc.stdin.flush()
+        self.hello = self.wait_event(lambda e: e["event"] in ("hello", "fatal"))
+
+    def _reader(self):
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.cond:
+                if "re" in msg:
+                    self.replies[msg["re"]] = msg
+                else:
+                    self.events.append(msg)
+                self.cond.notify_all()
+        with self.cond:
+            self.eof = True
+            self.cond.notify_all()
+
+    def _wait(self, find, timeout, what):
+        box = []
+
+        def check():  # find() consumes what it finds, so keep it
+            box.append(find())
+            return box[-1] or self.eof
+
+        with self.cond:
+            self.cond.wait_for(check, timeout)
+        found = box[-1] if box else None
+        if not found:
+            pytest.fail(f"no {what} from agent within {timeout}s (eof={self.eof})")
+        return found
+
+    def send_raw(self, data):
+        with self.write_lock:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def send(self, op, **fields):
+        with self.write_lock:
+            self.next_id += 1
+            rid = self.next_id
+        self.send_raw((json.dumps({"id": rid, "op": op, **fields}) + "\n").encode())
+        return rid
+
+    def wait_reply(self, rid, timeout=TIMEOUT):
+        reply = self._wait(lambda: self.replies.pop(rid, None), timeout, f"reply to {rid}")
+        if reply.get("ok") and "dir" in reply:
+            self.pgids.append(reply["pgid"])
+            self.dirs.append(reply["dir"])
+        return reply
+
+    def request(self, op, timeout=TIMEOUT, **fields):
+        return self.wait_reply(self.send(op, **fields), timeout)
+
+    def wait_event(self, pred, timeout=TIMEOUT):
+        def find():
+            for i, e in enumerate(self.events):
+                if pred(e):
+                    return self.events.pop(i)
+            return None
+
+        return self._wait(find, timeout, "matching event")
+
+    def launch(self, argv=IPYKERNEL_ARGV, transport="ipc", timeout=TIMEOUT, **fields):
+        """Launch a kernel with a fresh id and key; returns (reply, kernel id, key)."""
+        kid, key = str(uuid.uuid4()), uuid.uuid4().hex
+        conn = {"key": key, "signature_scheme": "hmac-sha256", "kernel_name": "python3"}
+        fields = {"env": {}, "cwd": None, **fields}
+        rid = self.send(
+            "launch", kernel=kid, argv=argv, connection=conn, transport=transport,
+            timeout=timeout, **fields,
+        )  # fmt: skip
+        return self.wait_reply(rid, timeout + 10), kid, key
+
+    def close(self, timeout=15.0):
+        """Close stdin (EOF), wait for exit; returns the exit status."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+    def destroy(self):
+        """Best-effort cleanup after a test, even a failed one."""
+        with contextlib.suppress(Exception):
+            self.close(timeout=10)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pgid in self.pgids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_agent():
+    agents = []
+
+    def make(**kw):
+        agents.append(Agent(**kw))
+        return agents[-1]
+
+    yield make
+    for a in agents:
+        a.destroy()
+
+
+@pytest.fixture
+def agent(make_agent):
+    a = make_agent()
+    assert a.hello["event"] == "hello", a.hello
+    return a
+
+
+@contextlib.contextmanager
+def kernel_client(reply, key, transport):
+    """A BlockingKernelClient connected to the endpoints in a launch reply."""
+    ep = reply["endpoints"]
+    info = {"transport": transport, "key": key, "signature_scheme": "hmac-sha256"}
+    if transport == "ipc":
+        info["ip"] = ep["shell"][: -len("-1")]
+        info.update({f"{ch}_port": int(ep[ch].rsplit("-", 1)[1]) for ch in CHANNELS})
+    else:
+        info["ip"] = "127.0.0.1"
+        info.update({f"{ch}_port": ep[ch] for ch in CHANNELS})
+    kc = BlockingKernelClient()
+    kc.load_connection_info(info)
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        yield kc
+    finally:
+        kc.stop_channels()
+
+
+def run(kc, code, timeout=TIMEOUT):
+    """Execute code; returns (execute reply content, captured stdout)."""
+    out = []
+
+    def hook(msg):
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    return reply["content"], "".join(out)
+
+
+def wait_stdout(kc, msg_id, text, timeout=TIMEOUT):
+    """Read iopub until the cell msg_id prints text (used to know the cell is running)."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while text not in seen:
+        msg = kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            seen += msg["content"]["text"]
+    return seen
+
+
+def kernel_dirs(agent, kid):
+    return glob.glob(os.path.join(agent.hello["base"], kid[:8] + "-*"))
+
+
+# -- hello and basic protocol -------------------------------------------------------------
+
+
+def test_hello(agent):
+    h = agent.hello
+    assert h["protocol"] == 1 and h["pid"] == agent.proc.pid
+    assert h["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert h["executable"] == sys.executable
+    assert h["ipykernel"] == importlib.metadata.version("ipykernel")
+    assert h["home"] == os.path.expanduser("~")
+    assert h["base"] == os.path.join(tempfile.gettempdir(), f"jupyter-remote-{os.getuid()}")
+    st = os.lstat(h["base"])
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert st.st_uid == os.getuid() and h["user"]
+
+
+def test_source_is_ascii_and_py36_syntax():
+    src = AGENT_SOURCE.decode("ascii")
+    ast.parse(src, feature_version=(3, 6))
+
+
+def test_misc_requests(agent):
+    t0 = time.time()
+    pong = agent.request("ping")
+    assert pong["ok"] and t0 - 1 < pong["time"] < time.time() + 1
+    bad = agent.request("frobnicate")
+    assert not bad["ok"] and "frobnicate" in bad["error"]
+    agent.send_raw(b"this is not json\n")
+    assert agent.wait_event(lambda e: e["event"] == "log")["level"] == "warning"
+    agent.send_raw(b'{"op": "ping"}\n')
+    assert "id" in agent.wait_event(lambda e: e["event"] == "log")["message"]
+    nosuch = agent.request("signal", kernel="nope", signum=2)
+    assert not nosuch["ok"] and nosuch["error"] == "no kernel nope on this host"
+    bad_launch = agent.request("launch", kernel="x", argv="not a list")
+    assert not bad_launch["ok"] and "argv" in bad_launch["error"]
+    assert agent.request("list") == {"re": agent.next_id, "ok": True, "kernels": []}
+
+
+@pytest.mark.parametrize("problem", ["mode", "symlink"])
+def test_unsafe_base_dir_is_fatal(make_agent, tmp_path, problem):
+    base = tmp_path / f"jupyter-remote-{os.getuid()}"
+    if problem == "mode":
+        base.mkdir(mode=0o755)
+        base.chmod(0o755)
+    else:
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        base.symlink_to(tmp_path / "elsewhere")
+    a = make_agent(env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert a.hello["event"] == "fatal" and str(base) in a.hello["error"]
+    assert a.proc.wait(TIMEOUT) == 1
+
+
+# -- launching real kernels -----------------------------------------------------------------
+
+
+def test_launch_ipc_kernel(agent):
+    reply, kid, key = agent.launch(transport="ipc")
+    assert reply["ok"], reply
+    d = reply["dir"]
+    assert os.path.dirname(d) == agent.hello["base"] and os.path.basename(d).startswith(kid[:8])
+    assert reply["endpoints"] == {ch: f"{d}/k-{i}" for i, ch in enumerate(CHANNELS, 1)}
+    assert reply["pgid"] == reply["pid"]
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    cfile = os.path.join(d, "connection.json")
+    assert stat.S_IMODE(os.stat(cfile).st_mode) == 0o600
+    assert json.loads(Path(cfile).read_text())["key"] == key
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True)
+    assert key not in ps.stdout
+    with kernel_client(reply, key, "ipc") as kc:
+        assert run(kc, "x = 6*7")[0]["status"] == "ok"
+        content, out = run(kc, "print(x)")
+        assert content["status"] == "ok" and out.strip() == "42"
+    listing = agent.request("list")["kernels"]
+    assert [(k["kernel"], k["pid"], k["dir"]) for k in listing] == [(kid, reply["pid"], d)]
+    assert time.time() - 120 < listing[0]["started"] <= time.time()
+
+
+def test_launch_tcp_kernel(agent):
+    reply, _kid, key = agent.launch(transport="tcp")
+    assert reply["ok"], reply
+    ports = [reply["endpoints"][ch] for ch in CHANNELS]
+    assert len(set(ports)) == 5 and all(isinstance(p, int) for p in ports)
+    for p in ports:
+        socket.create_connection(("127.0.0.1", p), timeout=5).close()
+    with kernel_client(reply, key, "tcp") as kc:
+        content, out = run(kc, "print(6*7)")
+        assert content["status"] == "ok" and out.strip() == "42"
+
+
+def test_sigint_interrupts_and_state_survives(agent):
+    reply, kid, key = agent.launch()
+    assert reply["ok"], reply
+    with kernel_client(reply, key, "ipc") as kc:
+        run(kc, "x = 42")
+        msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+        wait_stdout(kc, msg_id, "sleeping")
+        t0 = time.monotonic()
+        assert agent.request("signal", kernel=kid, signum=int(signal.SIGINT))["ok"]
+        shell = kc.get_shell_msg(timeout=TIMEOUT)
+        assert shell["parent_header"]["msg_id"] == msg_id
+        assert shell["content"]["status"] == "error"
+        assert shell["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - t0 < 20
+        content, out = run(kc, "print(x)")
+        assert content["status"] == "ok" and out.strip() == "42"
+
+
+def test_concurrent_launches(agent):
+    results = [None, None]
+
+    def go(i):
+        results[i] = agent.launch(transport="tcp")
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT + 15)
+    assert all(r and r[0]["ok"] for r in results), results
+    (r1, _, k1), (r2, _, k2) = results
+    assert r1["dir"] != r2["dir"]
+    assert not set(r1["endpoints"].values()) & set(r2["endpoints"].values())
+    for reply, key in ((r1, k1), (r2, k2)):
+        with kernel_client(reply, key, "tcp") as kc:
+            assert run(kc, "print(6*7)")[1].strip() == "42"
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+def test_kernel_exits_during_start(agent):
+    argv = [sys.executable, "-c", "import sys; sys.stderr.write('boom-marker\\n'); sys.exit(3)"]
+    reply, kid, _ = agent.launch(argv=argv)
+    assert not reply["ok"]
+    assert reply["status"] == 3 and reply["error"] == "kernel exited with status 3 during start"
+    assert "boom-marker" in reply["log_tail"]
+    assert kernel_dirs(agent, kid) == []
+
+
+def test_missing_ipykernel_module(agent):
+    argv = [sys.executable, "-m", "no_such_module_xyz", "-f", "{connection_file}"]
+    reply, kid, _ = agent.launch(argv=argv)
+    assert not reply["ok"] and reply["status"] == 1
+    assert "No module named" in reply["log_tail"]
+    assert kernel_dirs(agent, kid) == []
+
+
+def test_missing_executable(agent):
+    reply, kid, _ = agent.launch(argv=["/nonexistent/python3", "-f", "{connection_file}"])
+    assert not reply["ok"] and reply["error"].startswith("cannot run /nonexistent/python3: ")
+    assert kernel_dirs(agent, kid) == []
+
+
+def test_start_timeout_kills_kernel(agent):
+    code = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(60)"
+    reply, kid, _ = agent.launch(argv=[sys.executable, "-c", code], timeout=2.0)
+    assert not reply["ok"] and reply["error"] == "kernel did not start listening within 2 s"
+    assert kernel_dirs(agent, kid) == []
+    if reply["log_tail"].startswith("pid "):
+        pid = int(reply["log_tail"].split()[1])
+        deadline_wait(lambda: process_gone(pid), 10, "timed-out kernel to die")
+
+
+def test_missing_cwd(agent):
+    reply, kid, _ = agent.launch(cwd="/nonexistent/dir")
+    assert reply == {
+        "re": agent.next_id,
+        "ok": False,
+        "error": "remote working directory /nonexistent/dir does not exist",
+    }
+    assert kernel_dirs(agent, kid) == []
+
+
+# -- exits, signals, shutdown -------------------------------------------------------------
+
+
+def test_exit_event(agent):
+    reply, kid, key = agent.launch()
+    assert reply["ok"], reply
+    with kernel_client(reply, key, "ipc") as kc:
+        kc.execute("import os; os._exit(1)")
+        event = agent.wait_event(lambda e: e["event"] == "exited", timeout=10)
+    assert event["kernel"] == kid and event["status"] == 1
+    assert not os.path.exists(reply["dir"])
+    assert agent.request("list")["kernels"] == []
+    gone = agent.request("signal", kernel=kid, signum=int(signal.SIGINT))
+    assert not gone["ok"] and "no kernel" in gone["error"]
+
+
+def test_sigterm_kills_kernel_and_children(agent):
+    reply, kid, key = agent.launch()
+    assert reply["ok"], reply
+    with kernel_client(reply, key, "ipc") as kc:
+        # The child ignores SIGTERM, so only the agent's cleanup SIGKILL can end it.
+        code = (
+            "import subprocess\n"
+            "p = subprocess.Popen(['sh', '-c', \"trap '' TERM; exec sleep 300\"])\n"
+            "print(p.pid)"
+        )
+        content, out = run(kc, code)
+        assert content["status"] == "ok"
+    child = int(out.strip())
+    assert not process_gone(child)
+    assert agent.request("signal", kernel=kid, signum=int(signal.SIGTERM))["ok"]
+    event = agent.wait_event(lambda e: e["event"] == "exited", timeout=10)
+    assert event["kernel"] == kid and event["status"] != 0
+    deadline_wait(lambda: process_gone(child), 10, "kernel's child to die")
+    assert not os.path.exists(reply["dir"])
+
+
+def launch_two_stubborn_kernels(agent):
+    """Two kernels (ipc and tcp); the first ignores SIGTERM so it needs the SIGKILL."""
+    launched = []
+    for transport in ("ipc", "tcp"):
+        reply, _kid, key = agent.launch(transport=transport)
+        assert reply["ok"], reply
+        launched.append(reply)
+        if transport == "ipc":
+            with kernel_client(reply, key, transport) as kc:
+                run(kc, "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)")
+    return launched
+
+
+def test_eof_stops_everything(agent):
+    launched = launch_two_stubborn_kernels(agent)
+    t0 = time.monotonic()
+    assert agent.close(timeout=15) == 0
+    assert time.monotonic() - t0 < 10
+    for reply in launched:
+        deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
+        assert not os.path.exists(reply["dir"])
+
+
+def test_sigterm_to_agent_stops_everything(agent):
+    launched = launch_two_stubborn_kernels(agent)
+    os.kill(agent.proc.pid, signal.SIGTERM)
+    assert agent.proc.wait(15) == 0
+    for reply in launched:
+        deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
+        assert not os.path.exists(reply["dir"])
+
