@@ -133,7 +133,9 @@ class RemoteAgent:
             f"(exit status {self.exit_status}): {tail or 'no error output'}"
         )
 
-    async def request(self, op: str, reply_timeout: float | None = None, **fields: Any) -> dict[str, Any]:
+    async def request(
+        self, op: str, reply_timeout: float | None = None, **fields: Any
+    ) -> dict[str, Any]:
         """Send one request; return its reply or raise AgentError / AgentLost / TimeoutError."""
         if self.closed.is_set() or self._channel is None:
             raise AgentLost(f"the remote agent on {self.host_label} is gone")

@@ -50,7 +50,9 @@ class KernelSettings:
 class RemoteKernel:
     """A kernel process on the target host, reached through a :class:`KernelTunnel`."""
 
-    def __init__(self, kernel_id: str, settings: KernelSettings, logger: logging.Logger | None = None):
+    def __init__(
+        self, kernel_id: str, settings: KernelSettings, logger: logging.Logger | None = None
+    ):
         self.kernel_id = kernel_id
         self.settings = settings
         self.log = logger or log
@@ -67,7 +69,10 @@ class RemoteKernel:
         return self._running
 
     async def start(
-        self, session: Mapping[str, Any], env: Mapping[str, str], ports: Mapping[str, int] | None = None
+        self,
+        session: Mapping[str, Any],
+        env: Mapping[str, str],
+        ports: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """Launch the kernel and return jupyter_client connection info with local ports.
 
@@ -89,7 +94,10 @@ class RemoteKernel:
         self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
         self.log.info(
             "Remote kernel %s started on %s (pid %s) in %.2f s",
-            self.kernel_id, self.settings.target.describe(), self.pid, time.monotonic() - started,
+            self.kernel_id,
+            self.settings.target.describe(),
+            self.pid,
+            time.monotonic() - started,
         )
         return {
             "transport": "tcp",
@@ -158,23 +166,36 @@ class RemoteKernel:
                 f"ipykernel is not installed for {python} on {where}; install it there with "
                 f"`{python} -m pip install ipykernel`"
             )
-        return LaunchError(f"remote kernel on {where}: {error}" + (f"; its output: {tail}" if tail else ""))
+        if "did not start listening" in error:
+            error += " (raise launch_timeout if the kernel is slow to start)"
+        return LaunchError(
+            f"remote kernel on {where}: {error}" + (f"; its output: {tail}" if tail else "")
+        )
 
     def _on_exit(self, status: int, log_tail: str) -> None:
         self.exit_status, self._running = status, False
         self._exited.set()
         level = logging.INFO if status in (0, -signal.SIGTERM, -signal.SIGKILL) else logging.WARNING
         tail = " | ".join(log_tail.strip().splitlines()[-LOG_TAIL_LINES:])
-        self.log.log(level, "Remote kernel %s exited with status %s%s", self.kernel_id, status,
-                     f": {tail}" if tail else "")
+        self.log.log(
+            level,
+            "Remote kernel %s exited with status %s%s",
+            self.kernel_id,
+            status,
+            f": {tail}" if tail else "",
+        )
 
     async def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group on the remote host."""
         if not self._running or self._agent is None:
             return
         try:
-            await self._agent.request("signal", reply_timeout=self.settings.connect_timeout,
-                                      kernel=self.kernel_id, signum=int(signum))
+            await self._agent.request(
+                "signal",
+                reply_timeout=self.settings.connect_timeout,
+                kernel=self.kernel_id,
+                signum=int(signum),
+            )
         except AgentError as exc:
             self.log.debug("signal %s to kernel %s: %s", signum, self.kernel_id, exc)
         except (AgentLost, asyncio.TimeoutError) as exc:
@@ -215,14 +236,17 @@ class RemoteKernel:
 async def _agent_for(conn: Connection, settings: KernelSettings) -> RemoteAgent:
     """The connection's agent for ``settings.python``, started once and shared."""
     key = ("agent", settings.python)
-    pending = conn.resources.get(key)
-    if pending is None or _unusable(pending):
+    existing: asyncio.Future[RemoteAgent] | None = conn.resources.get(key)
+    pending: asyncio.Future[RemoteAgent]
+    if existing is None or _unusable(existing):
         assert conn.ssh is not None
         pending = asyncio.ensure_future(
             RemoteAgent.start(conn.ssh, settings.python, settings.target.host.label,
                               settings.connect_timeout)
-        )
+        )  # fmt: skip
         conn.resources[key] = pending
+    else:
+        pending = existing
     try:
         return await asyncio.shield(pending)
     except BaseException:

@@ -11,7 +11,7 @@ import os
 import signal
 import uuid
 from string import Template
-from typing import Any
+from typing import Any, cast
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -43,7 +43,9 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="Remote command for kernels that are not ipykernel; must contain {connection_file}.",
     )
     env = Dict(value_trait=Unicode(), config=True, help="Environment of the remote kernel.")
-    cwd = Unicode(None, allow_none=True, config=True, help="Remote working directory (default: home).")
+    cwd = Unicode(
+        None, allow_none=True, config=True, help="Remote working directory (default: home)."
+    )
     ssh_config = Union(
         [Unicode(), List(Unicode())],
         default_value=DEFAULT_SSH_CONFIG,
@@ -101,7 +103,9 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def settings(self) -> KernelSettings:
         """Resolve the target (ssh config merge) and gather the kernel's settings."""
         ssh_config: Any = ... if self.ssh_config == DEFAULT_SSH_CONFIG else self.ssh_config
-        target = resolve(self.host, self.jump or None, ssh_config, self.identity_file, self.known_hosts)
+        target = resolve(
+            self.host, self.jump or None, ssh_config, self.identity_file, self.known_hosts
+        )
         transport = self.transport
         if transport == "auto":
             transport = "tcp" if self.kernel_argv else "ipc"
@@ -154,12 +158,13 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             loop.acquire()
             self._holds_loop = True
         try:
-            self.connection_info = await loop.call(self._kernel.start(info, self._remote_env))
+            connection_info = await loop.call(self._kernel.start(info, self._remote_env))
         except BaseException:
             # The kernel has closed its forwards and connection; drop the loop too.
             self._kernel = None
             self._release_loop()
             raise
+        self.connection_info = cast(KernelConnectionInfo, connection_info)
         return self.connection_info
 
     async def poll(self) -> int | None:

@@ -29,8 +29,8 @@ SHUTDOWN_GRACE = 3.0  # seconds kernels get to exit on SIGTERM when the channel 
 
 OUT_LOCK = threading.RLock()  # one stdout line at a time (RLock: signal handler may re-enter)
 LOCK = threading.RLock()  # guards KERNELS, USED_PORTS and STATE
-KERNELS = {}  # kernel id (as given) -> Kernel, from spawn until its exit is handled
-USED_PORTS = set()  # tcp ports handed to kernels that are still alive
+KERNELS = {}  # type: dict  # kernel id (as given) -> Kernel, from spawn until exit is handled
+USED_PORTS = set()  # type: set  # tcp ports handed to kernels that are still alive
 STATE = {"closing": False, "base": None}
 
 

@@ -57,7 +57,9 @@ class Connection:
         self.users = 0
         self.lost = asyncio.Event()
         self.lost_listeners: list[Callable[[], None]] = []
-        self.resources: dict[Any, Any] = {}  # per-connection singletons (agents), or futures of them
+        self.resources: dict[
+            Any, Any
+        ] = {}  # per-connection singletons (agents), or futures of them
         self.connect_seconds = 0.0
 
     async def open(self, connect_timeout: float, keepalive_interval: float) -> None:
@@ -199,10 +201,11 @@ def explain(exc: Exception, target: Target, index: int, timeout: float) -> Conne
     hop = target.hops[index]
     role = "jump host" if index < len(target.hops) - 1 else "host"
     via = target.hops[index - 1] if index > 0 else None
+    through = f" (through jump host {via.alias})" if via else ""
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return ConnectError(
-            f"no answer from {role} {hop.label} within {timeout:g} s; check that it is up and "
-            f"reachable (network, VPN) or raise connect_timeout"
+            f"no answer from {role} {hop.label}{through} within {timeout:g} s; check that it "
+            f"is up and reachable (network, VPN) or raise connect_timeout"
         )
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
         return _host_key_error(target, index)
@@ -225,8 +228,8 @@ def explain(exc: Exception, target: Target, index: int, timeout: float) -> Conne
         )
     if isinstance(exc, ConnectionRefusedError):
         return ConnectError(
-            f"{role} {hop.label} refused the connection on port {hop.port}; check that sshd "
-            f"runs there and that the port is right"
+            f"{role} {hop.label} refused the SSH connection; check that sshd runs there and "
+            f"listens on port {hop.port}"
         )
     if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
         return ConnectError(

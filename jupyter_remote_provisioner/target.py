@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from asyncssh.config import SSHClientConfig
+from asyncssh.config import SSHClientConfig, SSHConfig
 
 from .errors import ConfigError
 
@@ -148,7 +148,9 @@ def config_paths(ssh_config: str | Sequence[str] | None | object = ...) -> list[
     for path in paths:
         full = Path(os.path.expandvars(str(path))).expanduser()
         if not full.is_file():
-            raise ConfigError(f"ssh config file {path} does not exist; fix ssh_config in the kernelspec")
+            raise ConfigError(
+                f"ssh config file {path} does not exist; fix ssh_config in the kernelspec"
+            )
         resolved.append(str(full))
     return resolved
 
@@ -181,8 +183,11 @@ class _Resolver:
         self.local_user = getpass.getuser()
 
     def chain(self, endpoint: Endpoint, jumps: list[Endpoint] | None, depth: int) -> list[Hop]:
+        """The hops to ``endpoint``: its jumps (or its ProxyJump, recursively), then itself."""
         if depth > MAX_HOPS:
-            raise ConfigError(f"ProxyJump chain to {endpoint.host} is too long or loops; fix the ssh config")
+            raise ConfigError(
+                f"ProxyJump chain to {endpoint.host} is too long or loops; fix the ssh config"
+            )
         config = self._lookup(endpoint)
         if jumps is None:
             jumps = parse_jumps(_text(config.get("ProxyJump")))
@@ -195,9 +200,9 @@ class _Resolver:
         hops.append(self._hop(endpoint, config))
         return hops
 
-    def _lookup(self, endpoint: Endpoint) -> SSHClientConfig:
+    def _lookup(self, endpoint: Endpoint) -> SSHConfig:
         try:
-            return SSHClientConfig.load(  # type: ignore[no-any-return]
+            return SSHClientConfig.load(
                 None,
                 self.paths,
                 False,
@@ -211,19 +216,21 @@ class _Resolver:
         except Exception as exc:  # asyncssh raises ConfigParseError and OSError here
             raise ConfigError(f"cannot read ssh config {', '.join(self.paths)}: {exc}") from exc
 
-    def _hop(self, endpoint: Endpoint, config: SSHClientConfig) -> Hop:
+    def _hop(self, endpoint: Endpoint, config: SSHConfig) -> Hop:
         identity = (
             (str(Path(self.identity_file).expanduser()),)
             if self.identity_file
-            else tuple(str(Path(p).expanduser()) for p in config.get("IdentityFile", ()) or ())
+            else tuple(str(Path(p).expanduser()) for p in _list(config.get("IdentityFile")))
         )
         for path in identity:
             if self.identity_file and not Path(path).is_file():
-                raise ConfigError(f"identity file {path} does not exist; fix identity_file in the kernelspec")
-        known = (
+                raise ConfigError(
+                    f"identity file {path} does not exist; fix identity_file in the kernelspec"
+                )
+        known: tuple[str, ...] = (
             (self.known_hosts,)
             if self.known_hosts
-            else tuple(config.get("UserKnownHostsFile", ()) or ()) or (DEFAULT_KNOWN_HOSTS,)
+            else tuple(_list(config.get("UserKnownHostsFile"))) or (DEFAULT_KNOWN_HOSTS,)
         )
         return Hop(
             alias=endpoint.host,
@@ -238,3 +245,7 @@ class _Resolver:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _list(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else []

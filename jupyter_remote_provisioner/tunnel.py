@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from functools import partial
 
 import asyncssh
 from asyncssh.forward import SSHForwarder, SSHLocalPortForwarder
@@ -69,9 +70,7 @@ class KernelTunnel:
         try:
             for name in CHANNELS:
                 wanted = ports.get(f"{name}_port", 0) if ports else 0
-                server = await loop.create_server(
-                    lambda name=name: self._accept(name), LOOPBACK, wanted  # type: ignore[misc]
-                )
+                server = await loop.create_server(partial(self._accept, name), LOOPBACK, wanted)
                 self._servers.append(server)
                 self.ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
@@ -79,7 +78,9 @@ class KernelTunnel:
             raise
         return self.ports
 
-    def retarget(self, conn: asyncssh.SSHClientConnection | None, endpoints: Mapping[str, Endpoint]) -> None:
+    def retarget(
+        self, conn: asyncssh.SSHClientConnection | None, endpoints: Mapping[str, Endpoint]
+    ) -> None:
         """Send new client connections to ``endpoints`` over ``conn`` (None: refuse them)."""
         self._conn = conn
         self._endpoints = dict(endpoints)

@@ -473,4 +473,3 @@ def test_sigterm_to_agent_stops_everything(agent):
     for reply in launched:
         deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
         assert not os.path.exists(reply["dir"])
-

@@ -1,0 +1,85 @@
+"""Fixtures for kernel tests: isolated Jupyter dirs, remote kernelspecs, leftover checks."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernels import Leftovers, write_spec
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point Jupyter at private dirs so tests never read or write the user's own."""
+    root = tmp_path_factory.mktemp("jupyter")
+    saved = {k: os.environ.get(k) for k in _JUPYTER_VARS}
+    os.environ.update(
+        JUPYTER_PATH=str(root / "data"),
+        JUPYTER_DATA_DIR=str(root / "data"),
+        JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+        JUPYTER_CONFIG_DIR=str(root / "config"),
+    )
+    kernels = root / "data" / "kernels"
+    kernels.mkdir(parents=True)
+    yield kernels
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+_JUPYTER_VARS = ("JUPYTER_PATH", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR")
+
+
+def _spec_factory(
+    kernels_dir: Path, request: pytest.FixtureRequest, base: dict[str, Any]
+) -> Callable[..., str]:
+    def make(interrupt_mode: str = "signal", **config: Any) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+        name = f"{slug}_{next(_names)}"
+        return write_spec(kernels_dir, name, {**base, **config}, interrupt_mode=interrupt_mode)
+
+    return make
+
+
+@pytest.fixture
+def remote_spec(ssh_env, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """``remote_spec(**config)`` writes a kernelspec for the loopback sshd; returns its name."""
+    base = {"host": ssh_env.alias, "ssh_config": str(ssh_env.ssh_config)}
+    return _spec_factory(kernels_dir, request, base)
+
+
+@pytest.fixture
+def direct_spec(ssh_env, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """Like ``remote_spec`` but with no ssh config: host, port, key and known_hosts given."""
+    base = {
+        "host": f"{ssh_env.user}@{ssh_env.host}:{ssh_env.port}",
+        "ssh_config": None,
+        "identity_file": str(ssh_env.identity_file),
+        "known_hosts": str(ssh_env.known_hosts),
+    }
+    return _spec_factory(kernels_dir, request, base)
+
+
+@pytest.fixture
+def jump_spec(topology, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """Kernelspecs for the network-namespace target behind the bastion."""
+    base = {"host": "gpu", "ssh_config": str(topology.ssh_config)}
+    return _spec_factory(kernels_dir, request, base)
+
+
+@pytest.fixture
+def no_leftovers(remote_tmp: Path) -> Iterator[Leftovers]:
+    """Fail the test if it leaves a listener, thread, remote process or remote file behind."""
+    snapshot = Leftovers.snapshot(remote_tmp)
+    yield snapshot
+    snapshot.assert_clean()

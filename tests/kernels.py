@@ -1,0 +1,149 @@
+"""Helpers for kernel tests: remote kernelspecs, clients, and the "nothing left behind" check."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+
+PROVISIONER = "remote-ssh-provisioner"
+
+
+def remote_base(remote_tmp: Path) -> Path:
+    """Where the remote agent puts kernel dirs for sessions whose TMPDIR is ``remote_tmp``."""
+    return remote_tmp / f"jupyter-remote-{os.getuid()}"
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it is truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def write_spec(
+    kernels_dir: Path,
+    name: str,
+    config: dict[str, Any],
+    interrupt_mode: str = "signal",
+    display_name: str | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name."""
+    spec_dir = kernels_dir / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": display_name or name,
+        "language": "python",
+        "interrupt_mode": interrupt_mode,
+        "env": env or {},
+        "metadata": {"kernel_provisioner": {"provisioner_name": PROVISIONER, "config": config}},
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return name
+
+
+def run_cell(
+    kc: BlockingKernelClient, code: str, timeout: float = 30
+) -> tuple[str, dict[str, Any]]:
+    """Execute ``code``; return (stdout text, execute_reply content)."""
+    out: list[str] = []
+
+    def on_output(msg: dict[str, Any]) -> None:
+        if msg["header"]["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=on_output)
+    return "".join(out), reply["content"]
+
+
+def _listening_inodes() -> set[str]:
+    """Inodes of TCP sockets in LISTEN state on this machine's namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":
+                    inodes.add(fields[9])
+    return inodes
+
+
+def own_listeners() -> set[str]:
+    """Listening TCP sockets held by this process."""
+    listening = _listening_inodes()
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in listening:
+            found.add(link[8:-1])
+    return found
+
+
+def remote_processes(remote_tmp: Path) -> list[str]:
+    """Command lines of processes started through the test sshds (their TMPDIR is remote_tmp)."""
+    mark = f"TMPDIR={remote_tmp}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found.append(f"{pid} " + f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+def remote_kernel_dirs(remote_tmp: Path) -> list[str]:
+    base = remote_base(remote_tmp)
+    return sorted(os.listdir(base)) if base.exists() else []
+
+
+@dataclass
+class Leftovers:
+    """What a test started that is still there: listeners, threads, remote processes, files."""
+
+    listeners: set[str]
+    threads: set[str]
+    remote_tmp: Path
+
+    @classmethod
+    def snapshot(cls, remote_tmp: Path) -> Leftovers:
+        return cls(own_listeners(), {t.name for t in threading.enumerate()}, remote_tmp)
+
+    def assert_clean(self, timeout: float = 10) -> None:
+        """Fail unless everything new since the snapshot is gone (waiting up to ``timeout``)."""
+
+        def new_items() -> dict[str, Any]:
+            items = {
+                "local listeners": own_listeners() - self.listeners,
+                "threads": {t.name for t in threading.enumerate()} - self.threads,
+                "remote processes": remote_processes(self.remote_tmp),
+                "remote kernel dirs": remote_kernel_dirs(self.remote_tmp),
+            }
+            return {k: v for k, v in items.items() if v}
+
+        try:
+            wait_for(lambda: not new_items(), timeout, "cleanup")
+        except AssertionError:
+            raise AssertionError(f"left behind: {new_items()}") from None

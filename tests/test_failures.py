@@ -1,0 +1,141 @@
+"""Each failure gives one line that says what failed and what to do, in bounded time,
+and leaves nothing behind (no listener, thread, remote process or remote file)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drivers import KINDS, Driver
+from sshd import free_port, generate_keypair
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def start_error(kernel_name: str, kind: str = "async", within: float = 30) -> str:
+    """Start the kernel, expect a failure; return its message after checking its shape."""
+    driver = Driver(kind, kernel_name)
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception) as info:
+            driver.start()
+    finally:
+        driver.close()
+    elapsed = time.monotonic() - started
+    message = str(info.value)
+    assert "\n" not in message and message, repr(message)
+    assert elapsed < within, f"the error took {elapsed:.1f} s: {message}"
+    return message
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_refused_port(direct_spec, ssh_env, no_leftovers, kind):
+    message = start_error(direct_spec(host=f"{ssh_env.host}:{free_port()}"), kind)
+    assert "refused the SSH connection" in message and "sshd runs there" in message
+
+
+def test_authentication_failure(direct_spec, tmp_path, no_leftovers):
+    stranger = generate_keypair(tmp_path / "stranger")
+    message = start_error(direct_spec(identity_file=str(stranger)))
+    assert "authentication as" in message and "authorized_keys" in message
+
+
+def test_unknown_host_key(direct_spec, tmp_path, no_leftovers):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    message = start_error(direct_spec(known_hosts=str(empty)))
+    assert "is not in" in message and "run `ssh -p" in message
+
+
+def test_changed_host_key(direct_spec, ssh_env, tmp_path, no_leftovers):
+    other = generate_keypair(tmp_path / "other_host_key")
+    changed = tmp_path / "known_hosts"
+    public = Path(f"{other}.pub").read_text().split()
+    changed.write_text(f"[{ssh_env.host}]:{ssh_env.port} {public[0]} {public[1]}\n")
+    message = start_error(direct_spec(known_hosts=str(changed)))
+    assert "does NOT match" in message and "ssh-keygen" in message
+
+
+def test_missing_remote_python(remote_spec, no_leftovers):
+    message = start_error(remote_spec(python="/nonexistent/bin/python3"))
+    assert "was not found" in message and "`python`" in message
+
+
+def test_remote_python_without_ipykernel(remote_spec, tmp_path, no_leftovers):
+    venv = tmp_path / "bare"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
+    )
+    python = str(venv / "bin" / "python")
+    message = start_error(remote_spec(python=python))
+    assert (
+        "ipykernel is not installed" in message and f"{python} -m pip install ipykernel" in message
+    )
+
+
+def test_kernel_exits_during_start(remote_spec, no_leftovers):
+    argv = ["python3", "-c", "import sys; sys.stderr.write('boom-marker\\n'); sys.exit(3)",
+            "{connection_file}"]  # fmt: skip
+    message = start_error(remote_spec(kernel_argv=argv))
+    assert "exited with status 3" in message and "boom-marker" in message
+
+
+def test_kernel_that_never_listens_times_out(remote_spec, no_leftovers):
+    argv = ["python3", "-c", "import time; time.sleep(600)", "{connection_file}"]
+    message = start_error(remote_spec(kernel_argv=argv, launch_timeout=2), within=15)
+    assert "did not start listening within 2 s" in message
+
+
+def test_missing_remote_cwd(remote_spec, no_leftovers):
+    message = start_error(remote_spec(cwd="/nonexistent/project"))
+    assert "/nonexistent/project" in message
+
+
+def test_unknown_config_key(remote_spec, no_leftovers):
+    message = start_error(remote_spec(hostname="oops"))
+    assert "'hostname'" in message and "valid keys: host, jump" in message
+
+
+def test_missing_host(remote_spec, no_leftovers):
+    message = start_error(remote_spec(host=""))
+    assert "no `host`" in message
+
+
+def test_invalid_port(remote_spec, no_leftovers):
+    message = start_error(remote_spec(host="gpu:99999"))
+    assert "invalid port" in message
+
+
+def test_unreachable_host(topology, kernels_dir, request, no_leftovers):
+    """The bastion's link is down: no answer within connect_timeout."""
+    from kernel_fixtures import _spec_factory
+
+    make = _spec_factory(kernels_dir, request, {"ssh_config": str(topology.ssh_config)})
+    topology.topology.cut_link()
+    try:
+        message = start_error(make(host="bastion", connect_timeout=3), within=10)
+    finally:
+        topology.topology.restore_link()
+    assert "bastion" in message and ("no answer" in message or "unreachable" in message)
+
+
+def test_jump_host_down(jump_spec, topology, no_leftovers):
+    topology.bastion.stop()
+    try:
+        message = start_error(jump_spec(connect_timeout=5), within=15)
+    finally:
+        topology.bastion.start()
+    assert "jump host bastion" in message and "refused" in message
+
+
+def test_target_behind_jump_unreachable(jump_spec, topology, no_leftovers):
+    topology.topology.cut_target()
+    try:
+        message = start_error(jump_spec(connect_timeout=3), within=15)
+    finally:
+        topology.topology.restore_target()
+    assert "host gpu" in message and "through jump host bastion" in message

@@ -1,0 +1,188 @@
+"""A remote kernel's whole life, as JupyterLab and scripts drive it, under both managers."""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import subprocess
+
+import pytest
+
+from drivers import KINDS, Driver
+from kernels import remote_base, remote_kernel_dirs, run_cell, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+WHO = "import os; print(os.environ.get('SSH_CONNECTION', 'local'), os.getpid())"
+
+
+@pytest.fixture(params=KINDS)
+def driver(request, remote_spec, no_leftovers):
+    d = Driver(request.param, remote_spec())
+    yield d
+    d.close()
+
+
+def test_start_execute_shutdown(driver):
+    driver.start()
+    info = driver.km.get_connection_info()
+    assert info["ip"] == "127.0.0.1" and info["transport"] == "tcp"
+    kc = driver.client()
+    out, reply = run_cell(kc, WHO)
+    assert reply["status"] == "ok"
+    ssh_connection, pid = out.split()[:4], int(out.split()[-1])
+    assert ssh_connection[0] == "127.0.0.1", "the kernel runs in an SSH session"
+    assert pid == driver.provisioner._kernel.pid
+    driver.shutdown()
+    wait_for(lambda: not _alive(pid), 10, "the remote kernel process to end")
+
+
+def test_remote_files_private_and_key_hidden(driver, remote_tmp):
+    driver.start()
+    kc = driver.client()
+    run_cell(kc, "x = 1")
+    (kernel_dir,) = remote_kernel_dirs(remote_tmp)
+    path = remote_base(remote_tmp) / kernel_dir
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert stat.S_IMODE((path / "connection.json").stat().st_mode) == 0o600
+    key = driver.km.session.key.decode()
+    args = subprocess.run(
+        ["ps", "-eo", "args"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    assert key not in args
+    listeners = _loopback_listeners()
+    for name in ("shell", "iopub", "stdin", "control", "hb"):
+        assert info_port(driver, name) in listeners, f"{name} listens on 127.0.0.1 only"
+    driver.shutdown()
+    wait_for(lambda: not path.exists(), 10, "the remote kernel dir to be removed")
+
+
+def test_interrupt_signal_keeps_state(driver):
+    driver.start()
+    kc = driver.client()
+    run_cell(kc, "x = 42")
+    reply = interrupt_sleeping_cell(driver, kc)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    out, _ = run_cell(kc, "print(x)")
+    assert out.strip() == "42"
+
+
+def test_interrupt_message_mode(request, remote_spec, no_leftovers):
+    driver = Driver("async", remote_spec(interrupt_mode="message"))
+    request.addfinalizer(driver.close)
+    driver.start()
+    kc = driver.client()
+    run_cell(kc, "x = 7")
+    reply = interrupt_sleeping_cell(driver, kc)
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert run_cell(kc, "print(x)")[0].strip() == "7"
+
+
+def test_restart_clears_state(driver):
+    driver.start()
+    provisioner = driver.provisioner
+    ports = dict(driver.km.get_connection_info())
+    kc = driver.client()
+    out, _ = run_cell(kc, "x = 1; " + WHO)
+    first_pid = int(out.split()[-1])
+    driver.restart()
+    assert driver.provisioner is provisioner
+    assert driver.km.get_connection_info()["shell_port"] == ports["shell_port"]
+    kc.wait_for_ready(timeout=60)
+    out, _ = run_cell(kc, "print('x' in dir()); " + WHO)
+    assert out.split()[0] == "False"
+    assert int(out.split()[-1]) != first_pid
+    assert not _alive(first_pid)
+
+
+def test_kernel_death_is_reported(driver):
+    driver.start()
+    kc = driver.client()
+    kc.execute("import os; os._exit(1)")
+    wait_for(lambda: not driver.is_alive(), 5, "poll() to report the kernel dead")
+    assert driver.provisioner._kernel.exit_status == 1
+
+
+def test_automatic_restart_after_death(remote_spec, no_leftovers):
+    """jupyter_client's restarter (as in jupyter_server) brings a working kernel back."""
+    import asyncio
+
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+    async def scenario() -> str:
+        km = AsyncIOLoopKernelManager(kernel_name=remote_spec())
+        restarted = asyncio.Event()
+        await km.start_kernel()
+        km.add_restart_callback(restarted.set, "restart")
+        try:
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=60)
+            kc.execute("import os; os._exit(1)")
+            await asyncio.wait_for(restarted.wait(), 30)
+            await kc.wait_for_ready(timeout=60)
+            reply = await kc.execute_interactive(
+                "print(6 * 7)", timeout=30, output_hook=lambda m: out.append(m)
+            )
+            kc.stop_channels()
+            return reply["content"]["status"]
+        finally:
+            await km.shutdown_kernel(now=True)
+
+    out: list = []
+    assert asyncio.run(scenario()) == "ok"
+    texts = [m["content"].get("text", "") for m in out if m["header"]["msg_type"] == "stream"]
+    assert "42" in "".join(texts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"  # a zombie has ended
+
+
+def interrupt_sleeping_cell(driver: Driver, kc, attempts: int = 3) -> dict:
+    """Run a long sleep, interrupt it once it runs, and return its execute_reply.
+
+    ipykernel ignores a SIGINT that lands between cells or before the cell's code runs, so
+    the cell prints a marker first; like a user, interrupt again if the first one is lost.
+    """
+    msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
+    wait_for(lambda: _printed(kc, "sleeping"), 10, "the cell to start sleeping")
+    for _ in range(attempts):
+        driver.interrupt()
+        try:
+            reply = kc.get_shell_msg(timeout=5)
+        except queue.Empty:
+            continue
+        assert reply["parent_header"]["msg_id"] == msg_id
+        return reply
+    raise AssertionError(f"no reply after {attempts} interrupts")
+
+
+def _printed(kc, text: str) -> bool:
+    try:
+        msg = kc.get_iopub_msg(timeout=0.2)
+    except queue.Empty:
+        return False
+    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
+
+
+def info_port(driver: Driver, name: str) -> int:
+    return int(driver.km.get_connection_info()[f"{name}_port"])
+
+
+def _loopback_listeners() -> set[int]:
+    """Ports listening on 127.0.0.1 exactly (not 0.0.0.0)."""
+    ports = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].split(":")
+            if fields[3] == "0A" and address == "0100007F":
+                ports.add(int(port, 16))
+    return ports
