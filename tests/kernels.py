@@ -84,18 +84,22 @@ def _listening_inodes() -> set[str]:
     return inodes
 
 
-def own_listeners() -> set[str]:
-    """Listening TCP sockets held by this process."""
-    listening = _listening_inodes()
+def own_sockets() -> set[str]:
+    """Inodes of the sockets this process holds open."""
     found = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
             link = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if link.startswith("socket:[") and link[8:-1] in listening:
+        if link.startswith("socket:["):
             found.add(link[8:-1])
     return found
+
+
+def own_listeners() -> set[str]:
+    """Listening TCP sockets held by this process."""
+    return own_sockets() & _listening_inodes()
 
 
 def remote_processes(remote_tmp: Path) -> list[str]:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
 from drivers import Driver
-from kernels import remote_kernel_dirs, run_cell
+from kernels import own_sockets, remote_kernel_dirs, run_cell
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -19,14 +18,7 @@ KERNELS = 20
 
 def ssh_connections_to(port: int) -> int:
     """Established TCP connections from this process to ``port`` on loopback."""
-    own = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            own.add(link[8:-1])
+    own = own_sockets()
     count = 0
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:

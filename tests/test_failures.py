@@ -110,32 +110,31 @@ def test_invalid_port(remote_spec, no_leftovers):
     assert "invalid port" in message
 
 
-def test_unreachable_host(topology, kernels_dir, request, no_leftovers):
-    """The bastion's link is down: no answer within connect_timeout."""
-    from kernel_fixtures import _spec_factory
-
-    make = _spec_factory(kernels_dir, request, {"ssh_config": str(topology.ssh_config)})
-    topology.topology.cut_link()
+def start_error_during(cut, restore, kernel_name: str, within: float) -> str:
+    """``start_error`` while a fault made by ``cut()`` lasts; ``restore()`` undoes it."""
+    cut()
     try:
-        message = start_error(make(host="bastion", connect_timeout=3), within=10)
+        return start_error(kernel_name, within=within)
     finally:
-        topology.topology.restore_link()
-    assert "bastion" in message and ("no answer" in message or "unreachable" in message)
+        restore()
+
+
+def test_unreachable_host(jump_spec, topology, no_leftovers):
+    """The bastion's link is down: no answer within connect_timeout."""
+    net = topology.topology
+    spec = jump_spec(host="bastion", connect_timeout=3)
+    message = start_error_during(net.cut_link, net.restore_link, spec, within=10)
+    assert "host bastion" in message and "no answer" in message
 
 
 def test_jump_host_down(jump_spec, topology, no_leftovers):
-    topology.bastion.stop()
-    try:
-        message = start_error(jump_spec(connect_timeout=5), within=15)
-    finally:
-        topology.bastion.start()
+    bastion = topology.bastion
+    message = start_error_during(bastion.stop, bastion.start, jump_spec(connect_timeout=5), 15)
     assert "jump host bastion" in message and "refused" in message
 
 
 def test_target_behind_jump_unreachable(jump_spec, topology, no_leftovers):
-    topology.topology.cut_target()
-    try:
-        message = start_error(jump_spec(connect_timeout=3), within=15)
-    finally:
-        topology.topology.restore_target()
+    net = topology.topology
+    spec = jump_spec(connect_timeout=3)
+    message = start_error_during(net.cut_target, net.restore_target, spec, within=15)
     assert "host gpu" in message and "through jump host bastion" in message
