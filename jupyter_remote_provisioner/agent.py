@@ -31,7 +31,8 @@ BOOTSTRAP = (
 EXIT_COMMAND_NOT_FOUND = 127
 STDERR_TAIL = 2000
 
-ExitCallback = Callable[[int, str], None]
+# Called with (exit status, tail of the kernel's output); status None: the agent was lost.
+ExitCallback = Callable[[int | None, str], None]
 
 
 def agent_source() -> bytes:
@@ -183,7 +184,7 @@ class RemoteAgent:
             log.info("remote agent on %s: %s", self.host_label, message.get("message"))
 
     def channel_closed(self) -> None:
-        """The channel is gone: fail every waiter."""
+        """The channel is gone: fail every waiter and tell every watched kernel."""
         self.closed.set()
         if not self._hello.done():
             self._hello.set_exception(AgentLost())
@@ -191,6 +192,9 @@ class RemoteAgent:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(AgentLost(f"the remote agent on {self.host_label} is gone"))
+        callbacks, self._exit_callbacks = self._exit_callbacks, {}
+        for callback in callbacks.values():
+            callback(None, "")
 
     async def close(self) -> None:
         """End the agent by closing its stdin; it stops its kernels and removes their files."""

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 IPYKERNEL_ARGV = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
 LOG_TAIL_LINES = 6
+LOST = -1  # exit status reported when the connection (and with it the kernel) was lost
+CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class RemoteKernel:
 
     async def _connect(self) -> None:
         settings = self.settings
+        if self._conn is not None and self._conn.lost.is_set():
+            lost, self._conn = self._conn, None
+            await POOL.release(lost)
         if self._conn is None:
             self._conn = await POOL.acquire(
                 settings.target, settings.connect_timeout, settings.keepalive_interval
@@ -172,18 +177,28 @@ class RemoteKernel:
             f"remote kernel on {where}: {error}" + (f"; its output: {tail}" if tail else "")
         )
 
-    def _on_exit(self, status: int, log_tail: str) -> None:
-        self.exit_status, self._running = status, False
+    def _on_exit(self, status: int | None, log_tail: str) -> None:
+        self._running = False
+        if status is None:
+            # The agent stops its kernels when its channel closes (connection lost).
+            self.exit_status = LOST
+            self.log.warning(
+                "Lost the SSH connection to %s: remote kernel %s was stopped with it",
+                self.settings.target.describe(),
+                self.kernel_id,
+            )
+        else:
+            self.exit_status = status
+            level = logging.INFO if status in CLEAN_EXITS else logging.WARNING
+            tail = " | ".join(log_tail.strip().splitlines()[-LOG_TAIL_LINES:])
+            self.log.log(
+                level,
+                "Remote kernel %s exited with status %s%s",
+                self.kernel_id,
+                status,
+                f": {tail}" if tail else "",
+            )
         self._exited.set()
-        level = logging.INFO if status in (0, -signal.SIGTERM, -signal.SIGKILL) else logging.WARNING
-        tail = " | ".join(log_tail.strip().splitlines()[-LOG_TAIL_LINES:])
-        self.log.log(
-            level,
-            "Remote kernel %s exited with status %s%s",
-            self.kernel_id,
-            status,
-            f": {tail}" if tail else "",
-        )
 
     async def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group on the remote host."""

@@ -25,6 +25,7 @@ _thread: threading.Thread | None = None
 _users = 0
 
 THREAD_NAME = "jupyter-remote-provisioner-loop"
+CANCEL_GRACE = 10.0
 
 
 def acquire() -> asyncio.AbstractEventLoop:
@@ -65,13 +66,12 @@ def get() -> asyncio.AbstractEventLoop:
     return _loop
 
 
-def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
-    """Schedule ``coro`` on the package loop from any thread."""
-    return asyncio.run_coroutine_threadsafe(coro, get())
-
-
 async def call(coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro`` on the package loop from any other loop (or from the package loop)."""
+    """Await ``coro`` on the package loop from any other loop (or from the package loop).
+
+    If the caller is cancelled, ``coro`` is cancelled too and given up to ``CANCEL_GRACE``
+    seconds to finish its cleanup before the cancellation reaches the caller.
+    """
     loop = get()
     try:
         running = asyncio.get_running_loop()
@@ -79,12 +79,20 @@ async def call(coro: Coroutine[Any, Any, T]) -> T:
         running = None
     if running is loop:
         return await coro
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
+    ended: concurrent.futures.Future[None] = concurrent.futures.Future()
 
+    async def run() -> T:
+        try:
+            return await coro
+        finally:
+            ended.set_result(None)
 
-def call_blocking(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run ``coro`` on the package loop and block this (non-loop) thread for its result."""
-    return submit(coro).result(timeout)
+    future = asyncio.run_coroutine_threadsafe(run(), loop)
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([asyncio.wrap_future(ended)], timeout=CANCEL_GRACE)
+        raise
 
 
 def _run(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:

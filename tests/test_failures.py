@@ -3,12 +3,14 @@ and leaves nothing behind (no listener, thread, remote process or remote file)."
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from jupyter_client.manager import AsyncKernelManager
 
 from drivers import KINDS, Driver
 from sshd import free_port, generate_keypair
@@ -16,7 +18,13 @@ from sshd import free_port, generate_keypair
 pytestmark = pytest.mark.timeout(90)
 
 
-def start_error(kernel_name: str, kind: str = "async", within: float = 30) -> str:
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    """Every failure is checked under AsyncKernelManager and the blocking KernelManager."""
+    return request.param
+
+
+def start_error(kernel_name: str, kind: str, within: float = 30) -> str:
     """Start the kernel, expect a failure; return its message after checking its shape."""
     driver = Driver(kind, kernel_name)
     started = time.monotonic()
@@ -32,109 +40,127 @@ def start_error(kernel_name: str, kind: str = "async", within: float = 30) -> st
     return message
 
 
-@pytest.mark.parametrize("kind", KINDS)
 def test_refused_port(direct_spec, ssh_env, no_leftovers, kind):
     message = start_error(direct_spec(host=f"{ssh_env.host}:{free_port()}"), kind)
     assert "refused the SSH connection" in message and "sshd runs there" in message
 
 
-def test_authentication_failure(direct_spec, tmp_path, no_leftovers):
+def test_authentication_failure(direct_spec, tmp_path, no_leftovers, kind):
     stranger = generate_keypair(tmp_path / "stranger")
-    message = start_error(direct_spec(identity_file=str(stranger)))
+    message = start_error(direct_spec(identity_file=str(stranger)), kind)
     assert "authentication as" in message and "authorized_keys" in message
 
 
-def test_unknown_host_key(direct_spec, tmp_path, no_leftovers):
+def test_unknown_host_key(direct_spec, tmp_path, no_leftovers, kind):
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    message = start_error(direct_spec(known_hosts=str(empty)))
+    message = start_error(direct_spec(known_hosts=str(empty)), kind)
     assert "is not in" in message and "run `ssh -p" in message
 
 
-def test_changed_host_key(direct_spec, ssh_env, tmp_path, no_leftovers):
+def test_changed_host_key(direct_spec, ssh_env, tmp_path, no_leftovers, kind):
     other = generate_keypair(tmp_path / "other_host_key")
     changed = tmp_path / "known_hosts"
     public = Path(f"{other}.pub").read_text().split()
     changed.write_text(f"[{ssh_env.host}]:{ssh_env.port} {public[0]} {public[1]}\n")
-    message = start_error(direct_spec(known_hosts=str(changed)))
+    message = start_error(direct_spec(known_hosts=str(changed)), kind)
     assert "does NOT match" in message and "ssh-keygen" in message
 
 
-def test_missing_remote_python(remote_spec, no_leftovers):
-    message = start_error(remote_spec(python="/nonexistent/bin/python3"))
+def test_missing_remote_python(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(python="/nonexistent/bin/python3"), kind)
     assert "was not found" in message and "`python`" in message
 
 
-def test_remote_python_without_ipykernel(remote_spec, tmp_path, no_leftovers):
+def test_remote_python_without_ipykernel(remote_spec, tmp_path, no_leftovers, kind):
     venv = tmp_path / "bare"
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60
     )
     python = str(venv / "bin" / "python")
-    message = start_error(remote_spec(python=python))
+    message = start_error(remote_spec(python=python), kind)
     assert (
         "ipykernel is not installed" in message and f"{python} -m pip install ipykernel" in message
     )
 
 
-def test_kernel_exits_during_start(remote_spec, no_leftovers):
+def test_kernel_exits_during_start(remote_spec, no_leftovers, kind):
     argv = ["python3", "-c", "import sys; sys.stderr.write('boom-marker\\n'); sys.exit(3)",
             "{connection_file}"]  # fmt: skip
-    message = start_error(remote_spec(kernel_argv=argv))
+    message = start_error(remote_spec(kernel_argv=argv), kind)
     assert "exited with status 3" in message and "boom-marker" in message
 
 
-def test_kernel_that_never_listens_times_out(remote_spec, no_leftovers):
+def test_kernel_that_never_listens_times_out(remote_spec, no_leftovers, kind):
     argv = ["python3", "-c", "import time; time.sleep(600)", "{connection_file}"]
-    message = start_error(remote_spec(kernel_argv=argv, launch_timeout=2), within=15)
+    message = start_error(remote_spec(kernel_argv=argv, launch_timeout=2), kind, within=15)
     assert "did not start listening within 2 s" in message
 
 
-def test_missing_remote_cwd(remote_spec, no_leftovers):
-    message = start_error(remote_spec(cwd="/nonexistent/project"))
+def test_missing_remote_cwd(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(cwd="/nonexistent/project"), kind)
     assert "/nonexistent/project" in message
 
 
-def test_unknown_config_key(remote_spec, no_leftovers):
-    message = start_error(remote_spec(hostname="oops"))
+def test_unknown_config_key(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(hostname="oops"), kind)
     assert "'hostname'" in message and "valid keys: host, jump" in message
 
 
-def test_missing_host(remote_spec, no_leftovers):
-    message = start_error(remote_spec(host=""))
+def test_missing_host(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(host=""), kind)
     assert "no `host`" in message
 
 
-def test_invalid_port(remote_spec, no_leftovers):
-    message = start_error(remote_spec(host="gpu:99999"))
+def test_invalid_port(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(host="gpu:99999"), kind)
     assert "invalid port" in message
 
 
-def start_error_during(cut, restore, kernel_name: str, within: float) -> str:
+def start_error_during(cut, restore, kernel_name: str, kind: str, within: float) -> str:
     """``start_error`` while a fault made by ``cut()`` lasts; ``restore()`` undoes it."""
     cut()
     try:
-        return start_error(kernel_name, within=within)
+        return start_error(kernel_name, kind, within=within)
     finally:
         restore()
 
 
-def test_unreachable_host(jump_spec, topology, no_leftovers):
+def test_unreachable_host(jump_spec, topology, no_leftovers, kind):
     """The bastion's link is down: no answer within connect_timeout."""
     net = topology.topology
     spec = jump_spec(host="bastion", connect_timeout=3)
-    message = start_error_during(net.cut_link, net.restore_link, spec, within=10)
+    message = start_error_during(net.cut_link, net.restore_link, spec, kind, within=10)
     assert "host bastion" in message and "no answer" in message
 
 
-def test_jump_host_down(jump_spec, topology, no_leftovers):
+def test_jump_host_down(jump_spec, topology, no_leftovers, kind):
     bastion = topology.bastion
-    message = start_error_during(bastion.stop, bastion.start, jump_spec(connect_timeout=5), 15)
+    message = start_error_during(
+        bastion.stop, bastion.start, jump_spec(connect_timeout=5), kind, 15
+    )
     assert "jump host bastion" in message and "refused" in message
 
 
-def test_target_behind_jump_unreachable(jump_spec, topology, no_leftovers):
+def test_target_behind_jump_unreachable(jump_spec, topology, no_leftovers, kind):
     net = topology.topology
     spec = jump_spec(connect_timeout=3)
-    message = start_error_during(net.cut_target, net.restore_target, spec, within=15)
+    message = start_error_during(net.cut_target, net.restore_target, spec, kind, within=15)
     assert "host gpu" in message and "through jump host bastion" in message
+
+
+def test_cancelled_start_leaves_nothing(jump_spec, topology, no_leftovers):
+    """A start abandoned by its caller (while SSH is still connecting) cleans up too."""
+    net = topology.topology
+    name = jump_spec(host="bastion", connect_timeout=30)
+
+    async def abandon() -> None:
+        km = AsyncKernelManager(kernel_name=name)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(km.start_kernel(), 1)
+
+    net.cut_link()
+    try:
+        asyncio.run(abandon())
+    finally:
+        net.restore_link()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from drivers import KINDS, Driver
@@ -53,3 +55,25 @@ def test_no_ssh_config_every_hop_explicit(jump_spec, topology, no_leftovers):
         known_hosts=str(topology.known_hosts),
     )
     assert run_remote("blocking", name).split()[2] == TARGET_ADDR
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_poll_needs_no_network(jump_spec, topology, no_leftovers, kind):
+    """With the bastion's link down, poll() still answers at once: the kernel is alive."""
+    net = topology.topology
+    driver = Driver(kind, jump_spec())
+    try:
+        driver.start()
+        kc = driver.client()
+        run_cell(kc, "x = 5")
+        net.cut_link()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                polls = pool.submit(lambda: [driver.is_alive() for _ in range(20)])
+                assert polls.result(timeout=5) == [True] * 20
+        finally:
+            net.restore_link()
+        assert run_cell(kc, "print(x)")[0].strip() == "5"
+        driver.shutdown()
+    finally:
+        driver.close()

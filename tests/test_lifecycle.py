@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import stat
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -104,36 +107,48 @@ def test_kernel_death_is_reported(driver):
     assert driver.provisioner._kernel.exit_status == 1
 
 
-def test_automatic_restart_after_death(remote_spec, no_leftovers):
-    """jupyter_client's restarter (as in jupyter_server) brings a working kernel back."""
-    import asyncio
-
+def restarted_output(kernel_name: str, fault: Callable[[Any], None]) -> str:
+    """Start under jupyter_client's restarter (as jupyter_server does), cause ``fault(kc)``,
+    wait for the automatic restart and return what ``print(6 * 7)`` prints afterwards."""
     from jupyter_client.ioloop import AsyncIOLoopKernelManager
 
     async def scenario() -> str:
-        km = AsyncIOLoopKernelManager(kernel_name=remote_spec())
+        km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
         restarted = asyncio.Event()
         await km.start_kernel()
         km.add_restart_callback(restarted.set, "restart")
+        out: list[str] = []
         try:
             kc = km.client()
             kc.start_channels()
             await kc.wait_for_ready(timeout=60)
-            kc.execute("import os; os._exit(1)")
+            fault(kc)
             await asyncio.wait_for(restarted.wait(), 30)
             await kc.wait_for_ready(timeout=60)
-            reply = await kc.execute_interactive(
-                "print(6 * 7)", timeout=30, output_hook=lambda m: out.append(m)
+            await kc.execute_interactive(
+                "print(6 * 7)",
+                timeout=30,
+                output_hook=lambda m: out.append(m["content"].get("text", "")),
             )
             kc.stop_channels()
-            return reply["content"]["status"]
+            return "".join(out).strip()
         finally:
             await km.shutdown_kernel(now=True)
 
-    out: list = []
-    assert asyncio.run(scenario()) == "ok"
-    texts = [m["content"].get("text", "") for m in out if m["header"]["msg_type"] == "stream"]
-    assert "42" in "".join(texts)
+    return asyncio.run(scenario())
+
+
+def test_automatic_restart_after_death(remote_spec, no_leftovers):
+    exit_in_cell = lambda kc: kc.execute("import os; os._exit(1)")
+    assert restarted_output(remote_spec(), exit_in_cell) == "42"
+
+
+def test_lost_connection_is_reported_and_restarted(remote_spec, ssh_env, no_leftovers, caplog):
+    """A dropped SSH connection takes the kernel with it (the agent stops it); the kernel is
+    reported dead and restarted over a new connection instead of hanging."""
+    drop = lambda kc: ssh_env.server.kill_all_sessions()
+    assert restarted_output(remote_spec(), drop) == "42"
+    assert "Lost the SSH connection" in caplog.text
 
 
 def _alive(pid: int) -> bool:
