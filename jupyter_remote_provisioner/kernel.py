@@ -213,11 +213,13 @@ class RemoteKernel:
             )
         except AgentError as exc:
             self.log.debug("signal %s to kernel %s: %s", signum, self.kernel_id, exc)
+            return
         except (AgentLost, asyncio.TimeoutError) as exc:
             raise RemoteKernelError(
                 f"cannot signal the remote kernel on {self.settings.target.host.label}: "
                 f"the SSH connection is down ({exc or 'no answer'})"
             ) from None
+        self.log.info("Sent %s to remote kernel %s", _signal_name(signum), self.kernel_id)
 
     async def wait(self) -> int | None:
         """Wait for the kernel process to exit; return its status."""
@@ -277,3 +279,10 @@ def _unusable(pending: asyncio.Future[RemoteAgent]) -> bool:
     if pending.cancelled() or pending.exception() is not None:
         return True
     return pending.result().closed.is_set()
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
