@@ -189,8 +189,10 @@ class RemoteKernel:
             )
         else:
             self.exit_status = status
-            level = logging.INFO if status in CLEAN_EXITS else logging.WARNING
-            tail = " | ".join(log_tail.strip().splitlines()[-LOG_TAIL_LINES:])
+            clean = status in CLEAN_EXITS
+            lines = [] if clean else log_tail.strip().splitlines()[-LOG_TAIL_LINES:]
+            tail = " | ".join(line for line in lines if line.strip())
+            level = logging.INFO if clean else logging.WARNING
             self.log.log(
                 level,
                 "Remote kernel %s exited with status %s%s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
+from collections.abc import Mapping
 from string import Template
 from typing import Any, cast
 
@@ -24,6 +25,14 @@ from .target import DEFAULT_SSH_CONFIG, resolve
 
 # Environment variables of the local side that describe the session, not the machine.
 SESSION_ENV = ("JPY_SESSION_NAME",)
+
+
+def remote_env(spec_env: Mapping[str, str], local_env: Mapping[str, str]) -> dict[str, str]:
+    """The kernelspec's ``env`` (``${VAR}`` filled from the local environment) plus the
+    session variables; the local environment itself never reaches the remote host."""
+    env = {k: Template(v).safe_substitute(local_env) for k, v in spec_env.items()}
+    env.update({k: local_env[k] for k in SESSION_ENV if k in local_env})
+    return env
 
 
 class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -130,10 +139,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Resolve the target and prepare the remote environment; no local connection file."""
         local_env = dict(kwargs.pop("env", os.environ))
-        spec_env = self.kernel_spec.env if self.kernel_spec else {}
-        remote_env = {k: Template(v).safe_substitute(local_env) for k, v in spec_env.items()}
-        remote_env.update({k: local_env[k] for k in SESSION_ENV if k in local_env})
-        self._remote_env = remote_env
+        self._remote_env = remote_env(self.kernel_spec.env if self.kernel_spec else {}, local_env)
         kwargs.pop("extra_arguments", None)
         settings = self.settings()
         if self._kernel is None:

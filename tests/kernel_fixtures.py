@@ -43,10 +43,11 @@ _JUPYTER_VARS = ("JUPYTER_PATH", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUP
 def _spec_factory(
     kernels_dir: Path, request: pytest.FixtureRequest, base: dict[str, Any]
 ) -> Callable[..., str]:
-    def make(interrupt_mode: str = "signal", **config: Any) -> str:
+    def make(interrupt_mode: str = "signal", argv: list[str] | None = None, **config: Any) -> str:
         slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
         name = f"{slug}_{next(_names)}"
-        return write_spec(kernels_dir, name, {**base, **config}, interrupt_mode=interrupt_mode)
+        config = {**base, **config}
+        return write_spec(kernels_dir, name, config, interrupt_mode=interrupt_mode, argv=argv)
 
     return make
 

@@ -42,12 +42,13 @@ def write_spec(
     interrupt_mode: str = "signal",
     display_name: str | None = None,
     env: dict[str, str] | None = None,
+    argv: list[str] | None = None,
 ) -> str:
     """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name."""
     spec_dir = kernels_dir / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
-        "argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": argv or ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": display_name or name,
         "language": "python",
         "interrupt_mode": interrupt_mode,

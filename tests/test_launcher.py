@@ -1,0 +1,183 @@
+"""The kernelspec's argv as VS Code runs it: the client writes a connection file with ports it
+chose, substitutes {connection_file} and {resource_dir}, runs argv, and signals the process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from kernels import run_cell, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+
+
+def launcher_argv() -> list[str]:
+    script = shutil.which("jupyter-remote-kernel") or os.path.join(
+        os.path.dirname(sys.executable), "jupyter-remote-kernel"
+    )
+    return [script, "launch", "--kernelspec", "{resource_dir}", "-f", "{connection_file}"]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (closed connections in TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class VSCodeStyleLaunch:
+    """Write a connection file, run the spec's argv, connect a client: what VS Code does."""
+
+    def __init__(self, kernels_dir: Path, kernel_name: str, workdir: Path) -> None:
+        spec_dir = kernels_dir / kernel_name
+        argv = json.loads((spec_dir / "kernel.json").read_text())["argv"]
+        self.info: dict[str, Any] = dict(zip([f"{c}_port" for c in CHANNELS], free_ports(5)))
+        self.info.update(
+            ip="127.0.0.1", transport="tcp", key="vscode-test-key", signature_scheme="hmac-sha256"
+        )
+        connection_file = workdir / "kernel-vscode.json"
+        connection_file.write_text(json.dumps(self.info))
+        connection_file.chmod(0o600)
+        argv = [
+            a.replace("{resource_dir}", str(spec_dir)).replace(
+                "{connection_file}", str(connection_file)
+            )
+            for a in argv
+        ]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        self.client: BlockingKernelClient | None = None
+
+    def connect(self) -> BlockingKernelClient:
+        """Connect and wait for kernel_info, as VS Code does (no heartbeat verdict while the
+        launcher is still starting the remote kernel)."""
+        kc = BlockingKernelClient()
+        kc.load_connection_info(self.info)
+        kc.start_channels(hb=False)
+        kc.wait_for_ready(timeout=60)
+        self.client = kc
+        return kc
+
+    def exit_status(self, timeout: float = 20) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> str:
+        """Stop everything; return what the launcher wrote on stderr."""
+        if self.client is not None:
+            self.client.stop_channels()
+        if self.proc.poll() is None:
+            self.proc.kill()
+        _, err = self.proc.communicate(timeout=20)
+        return err
+
+    def ports(self) -> list[int]:
+        return [self.info[f"{c}_port"] for c in CHANNELS]
+
+
+@pytest.fixture
+def launch(kernels_dir, tmp_path, no_leftovers):
+    """``launch(name)`` runs a spec the VS Code way; everything is checked gone afterwards."""
+    launches: list[VSCodeStyleLaunch] = []
+
+    def start(kernel_name: str) -> VSCodeStyleLaunch:
+        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path))
+        return launches[-1]
+
+    yield start
+    for item in launches:
+        item.close()
+
+
+def test_vscode_launch_interrupt_and_stop(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv()))
+    kc = started.connect()
+    out, _ = run_cell(kc, "x = 11; import os; print(os.environ['SSH_CONNECTION'])")
+    assert out.split()[2] == "127.0.0.1", "the kernel runs in an SSH session"
+    msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
+    wait_for(lambda: _printed(kc, "sleeping"), 10, "the cell to start")
+    started.proc.send_signal(signal.SIGINT)
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert started.proc.poll() is None, "SIGINT interrupts the kernel, not the launcher"
+    assert run_cell(kc, "print(x)")[0].strip() == "11"
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.exit_status() == 0
+    assert all(port_is_free(p) for p in started.ports())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP])
+def test_sighup_stops_too(remote_spec, launch, signum):
+    started = launch(remote_spec(argv=launcher_argv()))
+    run_cell(started.connect(), "pass")
+    started.proc.send_signal(signum)
+    assert started.exit_status() == 0
+
+
+def test_kernel_death_ends_launcher_nonzero(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv()))
+    started.connect().execute("import os; os._exit(3)")
+    assert started.exit_status() == 3
+    assert "exited with status 3" in started.close()
+
+
+def test_client_shutdown_request_ends_launcher_cleanly(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv()))
+    kc = started.connect()
+    kc.shutdown()
+    assert started.exit_status() == 0
+
+
+def test_bad_spec_is_one_line(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv(), hostname="typo"))
+    assert started.exit_status() == 1
+    err = started.close()
+    assert "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert "unknown key(s) 'hostname'" in line
+
+
+def test_start_failure_is_one_line(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv(), python="/nonexistent/python3"))
+    assert started.exit_status() == 1
+    err = started.close()
+    assert "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .endswith("to the full path of an interpreter that exists there")
+    )
+
+
+def _printed(kc: BlockingKernelClient, text: str) -> bool:
+    try:
+        msg = kc.get_iopub_msg(timeout=0.2)
+    except Exception:
+        return False
+    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
