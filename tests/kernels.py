@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,15 @@ def run_cell(
 
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=on_output)
     return "".join(out), reply["content"]
+
+
+def printed(kc: BlockingKernelClient, text: str) -> bool:
+    """Whether the next iopub message (waiting up to 0.2 s) is a stream containing ``text``."""
+    try:
+        msg = kc.get_iopub_msg(timeout=0.2)
+    except queue.Empty:
+        return False
+    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
 def _listening_inodes() -> set[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from kernels import run_cell, wait_for
+from kernels import printed, run_cell, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -120,7 +120,7 @@ def test_vscode_launch_interrupt_and_stop(remote_spec, launch):
     out, _ = run_cell(kc, "x = 11; import os; print(os.environ['SSH_CONNECTION'])")
     assert out.split()[2] == "127.0.0.1", "the kernel runs in an SSH session"
     msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
-    wait_for(lambda: _printed(kc, "sleeping"), 10, "the cell to start")
+    wait_for(lambda: printed(kc, "sleeping"), 10, "the cell to start")
     started.proc.send_signal(signal.SIGINT)
     reply = kc.get_shell_msg(timeout=10)
     assert reply["parent_header"]["msg_id"] == msg_id
@@ -173,11 +173,3 @@ def test_start_failure_is_one_line(remote_spec, launch):
         .splitlines()[-1]
         .endswith("to the full path of an interpreter that exists there")
     )
-
-
-def _printed(kc: BlockingKernelClient, text: str) -> bool:
-    try:
-        msg = kc.get_iopub_msg(timeout=0.2)
-    except Exception:
-        return False
-    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]

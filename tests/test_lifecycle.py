@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from drivers import KINDS, Driver
-from kernels import remote_base, remote_kernel_dirs, run_cell, wait_for
+from kernels import printed, remote_base, remote_kernel_dirs, run_cell, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -167,7 +167,7 @@ def interrupt_sleeping_cell(driver: Driver, kc, attempts: int = 3) -> dict:
     the cell prints a marker first; like a user, interrupt again if the first one is lost.
     """
     msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
-    wait_for(lambda: _printed(kc, "sleeping"), 10, "the cell to start sleeping")
+    wait_for(lambda: printed(kc, "sleeping"), 10, "the cell to start sleeping")
     for _ in range(attempts):
         driver.interrupt()
         try:
@@ -177,14 +177,6 @@ def interrupt_sleeping_cell(driver: Driver, kc, attempts: int = 3) -> dict:
         assert reply["parent_header"]["msg_id"] == msg_id
         return reply
     raise AssertionError(f"no reply after {attempts} interrupts")
-
-
-def _printed(kc, text: str) -> bool:
-    try:
-        msg = kc.get_iopub_msg(timeout=0.2)
-    except queue.Empty:
-        return False
-    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
 def info_port(driver: Driver, name: str) -> int:
