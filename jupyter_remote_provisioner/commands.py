@@ -1,9 +1,349 @@
-"""Placeholder: the `commands` part of the command line (being written)."""
+"""The kernelspec subcommands: ``add``, ``list``, ``show`` and ``delete``.
+
+They only read and write kernelspecs (:mod:`.kernelspec`) and resolve targets
+(:mod:`.target`); nothing here opens a connection.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
+from .kernelspec import (
+    RemoteSpec,
+    build_spec,
+    check_slug,
+    find_spec,
+    install_spec,
+    list_remote_specs,
+    on_search_path,
+    remove_spec,
+    slugify,
+    write_spec_dir,
+)
+from .provisioner import settings_from_config
+from .target import Hop, Target, config_paths
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PLAIN = re.compile(r"^[\w@%+=:,./{}~-]+$")  # shown unquoted in a command line
+_RAW = argparse.RawDescriptionHelpFormatter
+
+ADD_EPILOG = """\
+examples:
+  %(prog)s --endpoint ubuntu@11.0.0.10:22 -J gw@1.1.1.1:3223 --name "Remote CUDA"
+  %(prog)s --endpoint gpu --name "GPU box" --python /opt/conda/bin/python
+  %(prog)s --endpoint gpu --name "Remote R" --language R \\
+      --kernel-argv "R --slave -e IRkernel::main() --args {connection_file}"
+  %(prog)s --endpoint gpu --name "GPU box" --out build/   # write, do not install
+
+The spec is checked here (host syntax, config keys, files), but no connection is made;
+`remote_kernel check` tests the connection. kernel.json is plain text: put no secret in
+--env, use the ssh config, ssh-agent or a key file instead.
+"""
 
 
 def register(subparsers: Any) -> None:
-    """Add this module's subcommands to the command line."""
+    """Add the ``add``, ``list``, ``show`` and ``delete`` subcommands."""
+    add = subparsers.add_parser(
+        "add",
+        help="create and install a remote kernelspec",
+        description="Create a kernelspec that runs its kernel on a remote host over SSH, and "
+        "install it where Jupyter finds it (by default for the current user).",
+        epilog=ADD_EPILOG,
+        formatter_class=_RAW,
+    )
+    add.add_argument(
+        "--endpoint",
+        required=True,
+        metavar="[USER@]HOST[:PORT]",
+        help="the remote host, or a Host alias from the ssh config",
+    )
+    add.add_argument(
+        "-J",
+        "--jump",
+        action="append",
+        default=[],
+        metavar="HOP[,HOP...]",
+        help="jump host(s) in order, like ssh -J; repeat or comma-separate ('none': no jump "
+        "host, even if the ssh config sets ProxyJump)",
+    )
+    add.add_argument("--name", help="display name in the kernel picker (default: the endpoint)")
+    add.add_argument(
+        "--kernel-name",
+        metavar="SLUG",
+        help="kernelspec directory name (default: from --name, e.g. 'Remote CUDA' -> "
+        "remote_cuda); lowercase letters, digits, '_' and '.'",
+    )
+    add.add_argument("--python", metavar="PATH", help="remote interpreter (default: python3)")
+    add.add_argument(
+        "--kernel-argv",
+        metavar="COMMAND",
+        help="remote command of a non-ipykernel kernel, containing {connection_file}",
+    )
+    add.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="environment variable for the remote kernel; repeat for more",
+    )
+    add.add_argument("--cwd", metavar="DIR", help="remote working directory (default: home)")
+    add.add_argument("--language", default="python", help="kernel language (default: python)")
+    add.add_argument("--identity-file", metavar="FILE", help="private key for every hop")
+    add.add_argument(
+        "--known-hosts", metavar="FILE", help="known_hosts file (default: ~/.ssh/known_hosts)"
+    )
+    add.add_argument(
+        "--ssh-config", metavar="FILE", help="ssh config file to read (default: ~/.ssh/config)"
+    )
+    where = add.add_mutually_exclusive_group()
+    where.add_argument(
+        "--user", action="store_true", help="install for the current user (the default)"
+    )
+    where.add_argument(
+        "--sys-prefix",
+        action="store_true",
+        help=f"install into this Python's prefix ({sys.prefix})",
+    )
+    where.add_argument("--prefix", metavar="DIR", help="install into DIR/share/jupyter/kernels")
+    add.add_argument("--replace", action="store_true", help="overwrite a kernelspec of that name")
+    add.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write the spec directory DIR/<kernel-name> instead of installing it",
+    )
+    add.set_defaults(run=run_add)
+
+    lst = subparsers.add_parser(
+        "list",
+        help="list the installed remote kernelspecs",
+        description="List the installed kernelspecs that run remotely (other kernels are left "
+        "out; `jupyter kernelspec list` shows all).",
+    )
+    lst.add_argument("--json", action="store_true", help="print a JSON list")
+    lst.set_defaults(run=run_list)
+
+    show = subparsers.add_parser(
+        "show",
+        help="show a remote kernelspec and the hosts it reaches",
+        description="Show a remote kernelspec (kernel.json and where it is) and its target as "
+        "resolved with the ssh config: every hop's HostName, port, user, keys and known_hosts, "
+        "and the equivalent ssh command. No connection is made.",
+    )
+    show.add_argument("name", metavar="NAME", help="kernel name (slug) or display name")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(run=run_show)
+
+    delete = subparsers.add_parser(
+        "delete",
+        help="remove a remote kernelspec",
+        description="Remove an installed remote kernelspec, by kernel name (slug) or display "
+        "name. Other kinds of kernelspec are refused: use `jupyter kernelspec remove`.",
+    )
+    delete.add_argument("name", metavar="NAME", help="kernel name (slug) or display name")
+    delete.set_defaults(run=run_delete)
+
+
+# -- add -------------------------------------------------------------------------------
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """Build the spec from the options, then install it (or write it with --out)."""
+    name = args.name if args.name is not None else args.endpoint
+    slug = check_slug(args.kernel_name) if args.kernel_name else slugify(name)
+    jumps = [hop.strip() for value in args.jump for hop in value.split(",") if hop.strip()]
+    extra: dict[str, Any] = {}
+    if args.kernel_argv:
+        extra["kernel_argv"] = shlex.split(args.kernel_argv)
+    if args.identity_file:
+        extra["identity_file"] = _local_path(args.identity_file, "--identity-file")
+    if args.known_hosts:
+        extra["known_hosts"] = _local_path(args.known_hosts, None)
+    if args.ssh_config:
+        extra["ssh_config"] = _local_path(args.ssh_config, None)
+        config_paths(extra["ssh_config"])  # fails now if the file is missing
+    spec = build_spec(
+        name,
+        args.endpoint,
+        jumps,
+        python=args.python,
+        env=_parse_env(args.env),
+        cwd=args.cwd,
+        language=args.language,
+        extra_config=extra,
+    )
+    summary = _summary(name, args.endpoint, jumps)
+    if args.out:
+        return _write_out(spec, slug, summary, args)
+    user = args.user or not (args.sys_prefix or args.prefix)
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    path = install_spec(spec, slug, user=user, prefix=prefix, replace=args.replace)
+    print(f"Installed kernelspec {slug} ({summary}) in {path}")
+    if not on_search_path(path):
+        share = os.path.dirname(os.path.dirname(path))
+        print(
+            f"note: Jupyter does not look in {os.path.dirname(path)}; add {share} to "
+            "JUPYTER_PATH so that it finds this kernel",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _write_out(spec: dict[str, Any], slug: str, summary: str, args: argparse.Namespace) -> int:
+    target = Path(args.out) / slug
+    if (target / "kernel.json").exists() and not args.replace:
+        raise ConfigError(f"{target} already exists; use --replace to overwrite it")
+    write_spec_dir(spec, target)
+    where = (
+        "--sys-prefix"
+        if args.sys_prefix
+        else f"--prefix {shlex.quote(args.prefix)}"
+        if args.prefix
+        else "--user"
+    )
+    print(f"Wrote kernelspec {slug} ({summary}) in {target}")
+    print(f"Install it with: jupyter kernelspec install {where} {shlex.quote(str(target))}")
+    return 0
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not _ENV_NAME.match(key):
+            raise ConfigError(
+                f"invalid --env {item!r}: expected NAME=VALUE, NAME made of letters, digits "
+                "and '_' (not starting with a digit)"
+            )
+        env[key] = value
+    return env
+
+
+def _local_path(path: str, option: str | None) -> str:
+    """An absolute path (``~`` kept, so the spec stays portable); ``option``: must exist."""
+    if not path.startswith("~"):
+        path = os.path.abspath(path)
+    if option and not Path(path).expanduser().is_file():
+        raise ConfigError(f"{option} {path} does not exist")
+    return path
+
+
+def _summary(name: str, host: str, jumps: list[str]) -> str:
+    via = f" via {', '.join(jumps)}" if jumps else ""
+    return f"{name} -> {host}{via}"
+
+
+# -- list, show, delete ------------------------------------------------------------------
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """Print the remote kernelspecs in a readable layout, or as JSON."""
+    specs = list_remote_specs()
+    if args.json:
+        print(json.dumps([s.to_json() for s in specs], indent=2))
+        return 0
+    if not specs:
+        print("No remote kernelspecs installed.")
+        return 0
+    for spec in specs:
+        print(f"slug: {spec.slug}")
+        print(f"  name: {spec.display_name}")
+        print(f"  endpoint: {spec.endpoint}")
+        if spec.jumps:
+            print(f"  jump: {', '.join(spec.jumps)}")
+        print("---")
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """Print one spec and its resolved target (no connection is made)."""
+    spec = find_spec(args.name)
+    kernel_json = _read_kernel_json(spec)
+    cwd = spec.config.get("cwd") or "~ (remote home)"
+    if args.json:
+        target = _resolve(spec)
+        info = {
+            **spec.to_json(),
+            "kernel_json": kernel_json,
+            "cwd": cwd,
+            "target": _target_json(target),
+        }
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"kernelspec: {spec.slug}")
+    print(f"  name: {spec.display_name}")
+    print(f"  path: {spec.resource_dir}")
+    print("  kernel.json:")
+    for line in json.dumps(kernel_json, indent=2).splitlines():
+        print(f"    {line}")
+    sys.stdout.flush()
+    target = _resolve(spec)
+    print(f"target: {target.describe()}")
+    print(f"  ssh config: {', '.join(target.config_paths) or 'none'}")
+    for index, hop in enumerate(target.hops, 1):
+        role = "kernel host" if hop is target.host else "jump host"
+        print(f"  hop {index} ({role}): {hop.spec}")
+        print(f"    alias: {hop.alias}")
+        print(f"    HostName: {hop.hostname}")
+        print(f"    port: {hop.port}")
+        print(f"    user: {hop.user}")
+        keys = ", ".join(hop.identity_files) or "default (ssh-agent, ~/.ssh/id_*)"
+        print(f"    identity files: {keys}")
+        print(f"    known_hosts: {', '.join(hop.known_hosts)}")
+    print(f"  ssh command: {target.ssh_command()}")
+    print(f"remote kernel: {_remote_command(spec.config)}")
+    print(f"remote cwd: {cwd}")
+    return 0
+
+
+def run_delete(args: argparse.Namespace) -> int:
+    """Remove one remote kernelspec; other kinds are refused by :func:`find_spec`."""
+    spec = find_spec(args.name)
+    path = remove_spec(spec)
+    print(f"Removed kernelspec {spec.slug} ({path})")
+    return 0
+
+
+def _resolve(spec: RemoteSpec) -> Target:
+    """The target exactly as the provisioner resolves it (ssh config merged)."""
+    return settings_from_config(spec.config).target
+
+
+def _target_json(target: Target) -> dict[str, Any]:
+    def hop(h: Hop) -> dict[str, Any]:
+        return {
+            "role": "kernel host" if h is target.host else "jump host",
+            "alias": h.alias,
+            "hostname": h.hostname,
+            "port": h.port,
+            "user": h.user,
+            "identity_files": list(h.identity_files),
+            "known_hosts": list(h.known_hosts),
+        }
+
+    return {
+        "describe": target.describe(),
+        "ssh_config": list(target.config_paths),
+        "hops": [hop(h) for h in target.hops],
+        "ssh_command": target.ssh_command(),
+    }
+
+
+def _read_kernel_json(spec: RemoteSpec) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(spec.resource_dir) / "kernel.json").read_text())
+    except (OSError, ValueError):
+        return spec.spec
+    return data if isinstance(data, dict) else spec.spec
+
+
+def _remote_command(config: dict[str, Any]) -> str:
+    argv = settings_from_config(config).argv()
+    return " ".join(a if _PLAIN.match(a) else shlex.quote(a) for a in argv)

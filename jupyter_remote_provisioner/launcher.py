@@ -24,10 +24,10 @@ from typing import Any
 from . import loop
 from .errors import ConfigError
 from .kernel import RemoteKernel
-from .provisioner import RemoteSSHProvisioner, remote_env
+from .kernelspec import PROVISIONER_NAME, provisioner_of
+from .provisioner import remote_env, settings_from_config
 from .tunnel import CHANNELS
 
-PROVISIONER_NAME = "remote-ssh-provisioner"
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the launcher is told to stop
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
@@ -75,10 +75,10 @@ def read_spec_config(spec_dir: str) -> tuple[dict[str, Any], dict[str, str]]:
         spec = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read kernelspec {path}: {exc}") from None
-    provisioner = spec.get("metadata", {}).get("kernel_provisioner", {})
-    if provisioner.get("provisioner_name") != PROVISIONER_NAME:
+    if provisioner_of(spec) != PROVISIONER_NAME:
         raise ConfigError(f"kernelspec {path} does not use the {PROVISIONER_NAME}")
-    return dict(provisioner.get("config") or {}), dict(spec.get("env") or {})
+    config = spec["metadata"]["kernel_provisioner"].get("config") or {}
+    return dict(config), dict(spec.get("env") or {})
 
 
 def read_connection_file(path: str) -> Connection:
@@ -107,7 +107,7 @@ def read_connection_file(path: str) -> Connection:
 def run(args: argparse.Namespace) -> int:
     config, spec_env = read_spec_config(args.kernelspec)
     connection = read_connection_file(args.connection_file)
-    settings = RemoteSSHProvisioner(**config).settings()
+    settings = settings_from_config(config)
     logging.basicConfig(level=logging.INFO, format="[remote-kernel] %(message)s", stream=sys.stderr)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
     kernel = RemoteKernel(str(uuid.uuid4()), settings, log)

@@ -35,6 +35,11 @@ def remote_env(spec_env: Mapping[str, str], local_env: Mapping[str, str]) -> dic
     return env
 
 
+def settings_from_config(config: Mapping[str, Any]) -> KernelSettings:
+    """A kernelspec's provisioner config, validated and resolved as the provisioner does it."""
+    return RemoteSSHProvisioner(**config).settings()
+
+
 class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Runs the kernel on a remote host over SSH, through jump hosts when configured."""
 
