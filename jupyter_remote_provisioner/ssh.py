@@ -62,12 +62,21 @@ class Connection:
         ] = {}  # per-connection singletons (agents), or futures of them
         self.connect_seconds = 0.0
 
-    async def open(self, connect_timeout: float, keepalive_interval: float) -> None:
-        """Connect hop by hop; on any failure close what was opened and raise ConnectError."""
+    async def open(
+        self,
+        connect_timeout: float,
+        keepalive_interval: float,
+        on_hop: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """Connect hop by hop; on any failure close what was opened and raise ConnectError.
+
+        ``on_hop(index, seconds)`` is called as each hop is verified and authenticated.
+        """
         started = time.monotonic()
         opened: list[asyncssh.SSHClientConnection] = []
         try:
-            for index, hop in enumerate(self.target.hops):
+            for index in range(len(self.target.hops)):
+                hop_started = time.monotonic()
                 is_last = index == len(self.target.hops) - 1
                 conn = await _connect_hop(
                     self.target,
@@ -78,6 +87,8 @@ class Connection:
                     on_lost=self._connection_lost if is_last else None,
                 )
                 opened.append(conn)
+                if on_hop is not None:
+                    on_hop(index, time.monotonic() - hop_started)
         except BaseException:
             await _close_all(opened)
             raise
