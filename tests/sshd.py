@@ -1,4 +1,8 @@
-"""Helpers that run a real OpenSSH sshd for the tests (no pytest fixtures here)."""
+"""Helpers that run a real OpenSSH sshd for the tests (no pytest fixtures here).
+
+Keys, the sshd_config and the wait for "Server listening" are the demo host's
+(``jupyter_remote_provisioner.demohost``), so the tests and ``demo`` share one implementation.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from jupyter_remote_provisioner.demohost import (
+    generate_keypair,
+    ssh_config_block,  # noqa: F401 - part of this module's API (conftest, bench)
+    sshd_config_lines,
+    wait_listening,
+)
 
 if TYPE_CHECKING:
     from netns import Topology
@@ -61,29 +72,11 @@ def current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def generate_keypair(path: Path) -> Path:
-    """Create an ed25519 key pair without passphrase (replacing one); return the private key."""
-    path.unlink(missing_ok=True)
-    Path(f"{path}.pub").unlink(missing_ok=True)
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    return path
-
-
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def ssh_config_block(alias: str, options: dict[str, object]) -> str:
-    """One ``Host`` block of an ssh_config file."""
-    lines = [f"Host {alias}"] + [f"    {k} {v}" for k, v in options.items()]
-    return "\n".join(lines) + "\n"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -165,22 +158,14 @@ class SshServer:
 
     def _write_config(self, authorized_keys: Path, extra: list[str]) -> None:
         lines = [
-            f"Port {self.port}",
-            f"ListenAddress {self.host}",
-            f"HostKey {self.host_key}",
-            f"PidFile {self.pid_file}",
-            f"AuthorizedKeysFile {authorized_keys}",
-            "StrictModes no",
-            "UsePAM no",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PubkeyAuthentication yes",
-            "PermitRootLogin prohibit-password",
-            "AllowTcpForwarding yes",
-            "AllowStreamLocalForwarding yes",
-            "MaxSessions 10",
-            "LogLevel VERBOSE",
-            "SetEnv " + " ".join(f"{k}={v}" for k, v in self.session_env.items()),
+            *sshd_config_lines(
+                self.port,
+                self.host,
+                self.host_key,
+                authorized_keys,
+                self.pid_file,
+                self.session_env,
+            ),
             "Subsystem sftp internal-sftp",
             *extra,
         ]
@@ -230,15 +215,10 @@ class SshServer:
                 # PDEATHSIG fires when the spawning *thread* exits: only from the main thread.
                 preexec_fn=_die_with_parent if _in_main_thread() else None,  # noqa: PLW1509
             )
-        proc = self.proc
-
-        def listening() -> bool:
-            return proc.poll() is not None or b"Server listening" in self._log_bytes(offset)
-
-        if not wait_until(listening, timeout=10) or proc.poll() is not None:
+        tail = wait_listening(self.proc, self.log, offset, timeout=10)
+        if tail:
             self.stop()
-            tail = "\n".join(self._log_bytes(offset).decode(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"sshd on {self.host}:{self.port} did not start:\n{tail}")
+            raise RuntimeError(f"sshd on {self.host}:{self.port} did not start: {tail}")
 
     def stop(self) -> None:
         """Stop the listener only; established sessions survive, as on a real restart."""
