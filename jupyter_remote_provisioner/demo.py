@@ -175,8 +175,10 @@ def _kept_text(host: DemoHost, slug: str) -> str:
         'Open JupyterLab and pick "Remote demo" in the kernel picker:',
         "  jupyter lab        (pip install jupyterlab, if it is missing)",
         f"Check it with: remote_kernel check {slug}",
-        f"Remove it all with: remote_kernel delete {slug} && kill {host.pid} && "
-        f"rm -r {shlex.quote(str(host.workdir))}",
+        (
+            f"Remove it all with: remote_kernel delete {slug} && kill {host.pid} && "
+            f"rm -r {shlex.quote(str(host.workdir))}"
+        ),
     ]
     return "\n".join(lines)
 

@@ -83,6 +83,27 @@ def printed(kc: BlockingKernelClient, text: str) -> bool:
     return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
+def interrupt_sleeping_cell(
+    kc: BlockingKernelClient, interrupt: Callable[[], None], attempts: int = 3
+) -> dict[str, Any]:
+    """Run a long sleep, ``interrupt()`` it once it runs, and return its execute_reply.
+
+    ipykernel ignores a SIGINT that lands between cells or before the cell's code runs, so
+    the cell prints a marker first; like a user, interrupt again if the first one is lost.
+    """
+    msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
+    wait_for(lambda: printed(kc, "sleeping"), 10, "the cell to start sleeping")
+    for _ in range(attempts):
+        interrupt()
+        try:
+            reply: dict[str, Any] = kc.get_shell_msg(timeout=5)
+        except queue.Empty:
+            continue
+        assert reply["parent_header"]["msg_id"] == msg_id
+        return reply
+    raise AssertionError(f"no reply after {attempts} interrupts")
+
+
 def _listening_inodes() -> set[str]:
     """Inodes of TCP sockets in LISTEN state on this machine's namespace."""
     inodes = set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
 import socket
@@ -21,7 +20,7 @@ from jupyter_remote_provisioner import demohost
 from jupyter_remote_provisioner.demohost import DemoHost
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
-from kernels import run_cell, wait_for, write_spec
+from kernels import interrupt_sleeping_cell, run_cell, wait_for, write_spec
 
 pytestmark = pytest.mark.timeout(120)
 BACKENDS = ("openssh", "asyncssh")
@@ -114,36 +113,16 @@ def test_provisioner_runs_interrupts_and_stops_a_kernel(host: DemoHost, kernels_
         out, reply = run_cell(kc, 'import os; print(os.environ["SSH_CONNECTION"])')
         assert reply["status"] == "ok"
         assert out.split()[2:] == ["127.0.0.1", str(host.port)]  # the server side
-        assert interrupted_sleep(km, kc)["content"]["ename"] == "KeyboardInterrupt"
+        assert (
+            interrupt_sleeping_cell(kc, km.interrupt_kernel)["content"]["ename"]
+            == "KeyboardInterrupt"
+        )
         assert run_cell(kc, "print(6 * 7)")[0] == "42\n"  # the kernel survived the interrupt
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
     # The agent exits once the provisioner closes its connection: nothing is left running.
     wait_for(lambda: not demohost.session_pids(host.marker), 15, "the remote processes to end")
-
-
-def interrupted_sleep(km: KernelManager, kc, attempts: int = 3) -> dict:
-    """Run a long sleep, interrupt it (SIGINT through the agent), return its execute_reply."""
-    msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
-    wait_for(lambda: _printed(kc, "sleeping"), 10, "the cell to start sleeping")
-    for _ in range(attempts):  # a SIGINT before the sleep starts is lost: send another
-        km.interrupt_kernel()
-        try:
-            reply = kc.get_shell_msg(timeout=5)
-        except queue.Empty:
-            continue
-        assert reply["parent_header"]["msg_id"] == msg_id
-        return reply
-    raise AssertionError(f"no reply after {attempts} interrupts")
-
-
-def _printed(kc, text: str) -> bool:
-    try:
-        msg = kc.get_iopub_msg(timeout=0.2)
-    except queue.Empty:
-        return False
-    return msg["header"]["msg_type"] == "stream" and text in msg["content"]["text"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

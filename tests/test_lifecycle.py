@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import stat
 import subprocess
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from drivers import KINDS, Driver
-from kernels import printed, remote_base, remote_kernel_dirs, run_cell, wait_for
+from kernels import interrupt_sleeping_cell, remote_base, remote_kernel_dirs, run_cell, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -65,7 +64,7 @@ def test_interrupt_signal_keeps_state(driver):
     driver.start()
     kc = driver.client()
     run_cell(kc, "x = 42")
-    reply = interrupt_sleeping_cell(driver, kc)
+    reply = interrupt_sleeping_cell(kc, driver.interrupt)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     out, _ = run_cell(kc, "print(x)")
     assert out.strip() == "42"
@@ -77,7 +76,7 @@ def test_interrupt_message_mode(request, remote_spec, no_leftovers):
     driver.start()
     kc = driver.client()
     run_cell(kc, "x = 7")
-    reply = interrupt_sleeping_cell(driver, kc)
+    reply = interrupt_sleeping_cell(kc, driver.interrupt)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     assert run_cell(kc, "print(x)")[0].strip() == "7"
 
@@ -158,25 +157,6 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split()[2] != "Z"  # a zombie has ended
-
-
-def interrupt_sleeping_cell(driver: Driver, kc, attempts: int = 3) -> dict:
-    """Run a long sleep, interrupt it once it runs, and return its execute_reply.
-
-    ipykernel ignores a SIGINT that lands between cells or before the cell's code runs, so
-    the cell prints a marker first; like a user, interrupt again if the first one is lost.
-    """
-    msg_id = kc.execute("print('sleeping', flush=True); import time; time.sleep(60)")
-    wait_for(lambda: printed(kc, "sleeping"), 10, "the cell to start sleeping")
-    for _ in range(attempts):
-        driver.interrupt()
-        try:
-            reply = kc.get_shell_msg(timeout=5)
-        except queue.Empty:
-            continue
-        assert reply["parent_header"]["msg_id"] == msg_id
-        return reply
-    raise AssertionError(f"no reply after {attempts} interrupts")
 
 
 def info_port(driver: Driver, name: str) -> int:
