@@ -176,7 +176,12 @@ class Environment:
         ssh = root / "ssh"
         ssh.mkdir()
         key = generate_keypair(ssh / "id_ed25519")
-        self.server = SshServer(ssh / "sshd", authorized_keys=Path(f"{key}.pub"))
+        # An empty HOME: sessions skip the user's shell startup files, as in the tests.
+        home = ssh / "home"
+        home.mkdir()
+        self.server = SshServer(
+            ssh / "sshd", authorized_keys=Path(f"{key}.pub"), session_env={"HOME": str(home)}
+        )
         self.server.start()
         known_hosts = ssh / "known_hosts"
         known_hosts.write_text(self.server.known_hosts_line())

@@ -158,7 +158,10 @@ class DemoHost:
             self.workdir / name for name in ("id_ed25519", "known_hosts", "ssh_config", "sshd.log")
         )
         self.marker = uuid.uuid4().hex  # the value of MARKER_VAR
-        self.session_env = {**(session_env or {}), MARKER_VAR: self.marker}
+        # HOME is the workdir: sessions run none of the user's shell startup files (faster,
+        # and a throwaway host should not depend on them); kernels start there too.
+        home = {"HOME": str(self.workdir)}
+        self.session_env = {**home, **(session_env or {}), MARKER_VAR: self.marker}
         self.pid: int | None = None  # the sshd's; None for the embedded server
         self.detached = self._owns_workdir = False
         self._proc: subprocess.Popen[bytes] | None = None
@@ -254,7 +257,7 @@ class DemoHost:
         args = ["-c", process.command] if process.command else []
         proc = await asyncio.create_subprocess_exec(
             shell, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=env, cwd=pw.pw_dir, start_new_session=True,
+            stderr=subprocess.PIPE, env=env, cwd=env["HOME"], start_new_session=True,
         )  # fmt: skip
         asyncio.ensure_future(_copy(process.stdin, proc.stdin, close=True))  # ends with channel
         await asyncio.gather(_copy(proc.stdout, process.stdout), _copy(proc.stderr, process.stderr))

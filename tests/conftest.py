@@ -39,12 +39,27 @@ def remote_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ssh_env(tmp_path_factory: pytest.TempPathFactory, remote_tmp: Path) -> Iterator[SshEnv]:
+def remote_session_env(
+    tmp_path_factory: pytest.TempPathFactory, remote_tmp: Path
+) -> dict[str, str]:
+    """Environment of every session on the test sshds: a private TMPDIR and an empty HOME.
+
+    With its own HOME a session does not run the user's shell startup files (root's
+    ~/.bashrc here runs `pyenv init`, whose rehash lock stalls every later session for 60 s
+    when a session is killed mid-rehash), so specs name their python explicitly.
+    """
+    return {"TMPDIR": str(remote_tmp), "HOME": str(tmp_path_factory.mktemp("rhome"))}
+
+
+@pytest.fixture(scope="session")
+def ssh_env(
+    tmp_path_factory: pytest.TempPathFactory, remote_session_env: dict[str, str]
+) -> Iterator[SshEnv]:
     """An sshd on 127.0.0.1 and an ssh_config reaching it as ``testhost``."""
     require_tools(SSHD, "ssh", "ssh-keygen")
     d = tmp_path_factory.mktemp("ssh")
     key = generate_keypair(d / "id_ed25519")
-    server = SshServer(d / "sshd", Path(f"{key}.pub"), session_env={"TMPDIR": str(remote_tmp)})
+    server = SshServer(d / "sshd", Path(f"{key}.pub"), session_env=remote_session_env)
     try:
         server.start()
         known_hosts = d / "known_hosts"
@@ -63,7 +78,9 @@ def ssh_env(tmp_path_factory: pytest.TempPathFactory, remote_tmp: Path) -> Itera
 
 
 @pytest.fixture(scope="session")
-def topology(tmp_path_factory: pytest.TempPathFactory, remote_tmp: Path) -> Iterator[JumpEnv]:
+def topology(
+    tmp_path_factory: pytest.TempPathFactory, remote_session_env: dict[str, str]
+) -> Iterator[JumpEnv]:
     """sshd on a bastion (198.18.1.2) and a target (198.18.2.2) reachable only via it."""
     require_tools(SSHD, "ssh", "ssh-keygen")
     d = tmp_path_factory.mktemp("jump")
@@ -83,7 +100,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory, remote_tmp: Path) -> Iter
                     addr,
                     port=22,
                     netns=ns,
-                    session_env={"TMPDIR": str(remote_tmp)},
+                    session_env=remote_session_env,
                 )
             )
             servers[-1].start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ import pytest
 from kernels import Leftovers, write_spec
 
 _names = itertools.count(1)
+# The remote side is this machine; sessions have sshd's plain PATH (see remote_session_env),
+# whose python3 may lack ipykernel, so specs name this interpreter.
+PYTHON = sys.executable
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,7 +59,7 @@ def _spec_factory(
 @pytest.fixture
 def remote_spec(ssh_env, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
     """``remote_spec(**config)`` writes a kernelspec for the loopback sshd; returns its name."""
-    base = {"host": ssh_env.alias, "ssh_config": str(ssh_env.ssh_config)}
+    base = {"host": ssh_env.alias, "ssh_config": str(ssh_env.ssh_config), "python": PYTHON}
     return _spec_factory(kernels_dir, request, base)
 
 
@@ -67,6 +71,7 @@ def direct_spec(ssh_env, kernels_dir: Path, request: pytest.FixtureRequest) -> C
         "ssh_config": None,
         "identity_file": str(ssh_env.identity_file),
         "known_hosts": str(ssh_env.known_hosts),
+        "python": PYTHON,
     }
     return _spec_factory(kernels_dir, request, base)
 
@@ -74,7 +79,7 @@ def direct_spec(ssh_env, kernels_dir: Path, request: pytest.FixtureRequest) -> C
 @pytest.fixture
 def jump_spec(topology, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
     """Kernelspecs for the network-namespace target behind the bastion."""
-    base = {"host": "gpu", "ssh_config": str(topology.ssh_config)}
+    base = {"host": "gpu", "ssh_config": str(topology.ssh_config), "python": PYTHON}
     return _spec_factory(kernels_dir, request, base)
 
 

@@ -22,7 +22,8 @@ def add(name: str, *options: str) -> None:
 
 
 def test_check_through_a_jump_host(topology, no_leftovers):
-    add("Check Jump", "--endpoint", "gpu", "--ssh-config", str(topology.ssh_config))
+    add("Check Jump", "--endpoint", "gpu", "--ssh-config", str(topology.ssh_config),
+        "--python", sys.executable)  # fmt: skip
     result = cli("check", "Check Jump")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
