@@ -132,11 +132,11 @@ def test_vscode_launch_interrupt_and_stop(remote_spec, launch):
     assert all(port_is_free(p) for p in started.ports())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP])
-def test_sighup_stops_too(remote_spec, launch, signum):
-    started = launch(remote_spec(argv=launcher_argv()))
+def test_sighup_stops_too_and_jupyter_style_f_option(remote_spec, launch):
+    argv = [*launcher_argv()[:-2], "--f={connection_file}"]
+    started = launch(remote_spec(argv=argv))
     run_cell(started.connect(), "pass")
-    started.proc.send_signal(signum)
+    started.proc.send_signal(signal.SIGHUP)
     assert started.exit_status() == 0
 
 
