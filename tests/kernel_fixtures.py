@@ -22,7 +22,7 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="session", autouse=True)
 def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Point Jupyter at private dirs so tests never read or write the user's own."""
+    """Point Jupyter and IPython at private dirs so tests never touch the user's own."""
     root = tmp_path_factory.mktemp("jupyter")
     saved = {k: os.environ.get(k) for k in _JUPYTER_VARS}
     os.environ.update(
@@ -30,6 +30,7 @@ def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         JUPYTER_DATA_DIR=str(root / "data"),
         JUPYTER_RUNTIME_DIR=str(root / "runtime"),
         JUPYTER_CONFIG_DIR=str(root / "config"),
+        IPYTHONDIR=str(root / "ipython"),
     )
     kernels = root / "data" / "kernels"
     kernels.mkdir(parents=True)
@@ -41,7 +42,13 @@ def kernels_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             os.environ[key] = value
 
 
-_JUPYTER_VARS = ("JUPYTER_PATH", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTER_CONFIG_DIR")
+_JUPYTER_VARS = (
+    "JUPYTER_PATH",
+    "JUPYTER_DATA_DIR",
+    "JUPYTER_RUNTIME_DIR",
+    "JUPYTER_CONFIG_DIR",
+    "IPYTHONDIR",
+)
 
 
 def _spec_factory(
