@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from kernels import printed, run_cell, wait_for
+from kernels import printed, remote_kernel_dirs, remote_processes, run_cell, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -174,3 +174,15 @@ def test_start_failure_is_one_line(remote_spec, launch):
         .splitlines()[-1]
         .endswith("to the full path of an interpreter that exists there")
     )
+
+
+def test_killed_launcher_leaves_no_remote_kernel(remote_spec, launch, remote_tmp):
+    """kill -9 of the local side: its SSH connection drops, and the remote agent stops the
+    kernel and removes its files (nothing keeps burning memory on the server)."""
+    started = launch(remote_spec(argv=launcher_argv()))
+    run_cell(started.connect(), "x = 1")
+    assert remote_kernel_dirs(remote_tmp)
+    started.proc.kill()
+    assert started.exit_status() == -signal.SIGKILL
+    wait_for(lambda: not remote_processes(remote_tmp), 15, "the remote kernel to be stopped")
+    assert remote_kernel_dirs(remote_tmp) == []
