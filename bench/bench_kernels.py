@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -474,12 +475,17 @@ def print_table(info: dict[str, str], figures: dict[str, Figure], quick: bool) -
             (f.label, f.unit, fmt(f.value("local")), fmt(f.value("remote")),
              "n/a" if ratio is None else f"{ratio:.2f}", aim)
         )  # fmt: skip
+    print_rows(rows, numeric=range(2, 5))
+
+
+def print_rows(rows: list[tuple[str, ...]], numeric: range) -> None:
+    """Print a table: a header row, a rule, then rows; ``numeric`` columns right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:5], widths[2:5])]
-        cells.append(row[5])
-        print("  ".join(cells))
+        cells = [
+            c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        print("  ".join(cells).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
@@ -506,22 +512,29 @@ def results_json(info: dict[str, str], figures: dict[str, Figure], p: Params, qu
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args()
-    p = QUICK if args.quick else Params()
-    figures = make_figures(p)
-    info = machine_info()
-    env = Environment()
-    kernels = Kernels()
+    return parser.parse_args()
+
+
+def measure_and_report(
+    args: argparse.Namespace,
+    env: Any,
+    kernels: Any,
+    work: Callable[[], Coroutine[Any, Any, None]],
+    report: Callable[[], None],
+    results: Callable[[], dict[str, Any]],
+) -> int:
+    """Set up ``env``, run ``work()``, always clean up, then ``report()`` what was measured
+    (partial results too); returns the exit status (130 interrupted, 1 error)."""
     status = 0
     started = time.monotonic()
     try:
         progress(f"setting up in {env.root}")
         env.setup()
-        asyncio.run(run(p, figures, kernels))
+        asyncio.run(work())
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted; partial results below", file=sys.stderr)
         status = 130
@@ -537,12 +550,28 @@ def main() -> int:
         finally:
             signal.signal(signal.SIGINT, previous)
     print()
-    print_table(info, figures, args.quick)
+    report()
     print(f"(total {time.monotonic() - started:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results_json(info, figures, p, args.quick), indent=1))
+        Path(args.json).write_text(json.dumps(results(), indent=1))
         print(f"results written to {args.json}")
     return status
+
+
+def main() -> int:
+    args = parse_args()
+    p = QUICK if args.quick else Params()
+    figures = make_figures(p)
+    info = machine_info()
+    kernels = Kernels()
+    return measure_and_report(
+        args,
+        Environment(),
+        kernels,
+        lambda: run(p, figures, kernels),
+        lambda: print_table(info, figures, args.quick),
+        lambda: results_json(info, figures, p, args.quick),
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ up come from ``bench_kernels.py``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
 import gc
-import json
 import os
 import shutil
 import signal
@@ -554,13 +552,7 @@ def header(info: dict[str, str], quick: bool) -> list[str]:
 def print_table(info: dict[str, str], figures: dict[str, Figure], quick: bool) -> None:
     print("\n".join(header(info, quick)))
     rows = table_rows(figures)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
-        print("  ".join(cells))
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    bk.print_rows(rows, numeric=range(2, len(rows[0])))
 
 
 def results_json(info: dict[str, str], figures: dict[str, Figure], p: Params, quick: bool) -> dict:
@@ -585,10 +577,7 @@ def results_json(info: dict[str, str], figures: dict[str, Figure], p: Params, qu
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    args = parser.parse_args()
+    args = bk.parse_args()
     p = QUICK if args.quick else Params()
     figures = make_figures(p)
     info = machine_info()
@@ -598,35 +587,20 @@ def main() -> int:
         progress("sshpyk or the ssh client is not installed: its column stays n/a")
     env = PeerEnvironment(with_sshpyk)
     kernels = Kernels()
-    status = 0
-    started = time.monotonic()
-    try:
-        progress(f"setting up in {env.root}")
-        env.setup()
-        asyncio.run(run(p, figures, kernels, sides, str(env.root)))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted; partial results below", file=sys.stderr)
-        status = 130
-    except Exception as exc:  # noqa: BLE001 (report, clean up, print partial results)
-        print(f"error: {exc!r}; partial results below", file=sys.stderr)
-        status = 1
-    finally:
-        # Cleanup must finish even if Ctrl-C is pressed again meanwhile.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
-            kernels.kill_local_leftovers()
-            env.close(kernels.remote_ids)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-    print()
-    print_table(info, figures, args.quick)
-    print(f"(total {time.monotonic() - started:.0f} s)")
-    for retry in RETRIES:
-        print(f"retried a start that failed: {retry}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results_json(info, figures, p, args.quick), indent=1))
-        print(f"results written to {args.json}")
-    return status
+
+    def report() -> None:
+        print_table(info, figures, args.quick)
+        for retry in RETRIES:
+            print(f"retried a start that failed: {retry}")
+
+    return bk.measure_and_report(
+        args,
+        env,
+        kernels,
+        lambda: run(p, figures, kernels, sides, str(env.root)),
+        report,
+        lambda: results_json(info, figures, p, args.quick),
+    )
 
 
 if __name__ == "__main__":
