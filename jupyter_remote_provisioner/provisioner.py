@@ -109,7 +109,6 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.connection_info = {}
         self._kernel: RemoteKernel | None = None
         self._remote_env: dict[str, str] = {}
-        self._restart_requested = False
         self._holds_loop = False
 
     # -- settings ----------------------------------------------------------------------
@@ -207,12 +206,12 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def terminate(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGTERM)
 
-    async def shutdown_requested(self, restart: bool = False) -> None:
-        # terminate()/kill() do not reliably get restart=True (jupyter_client #1061).
-        self._restart_requested = restart
-
     async def cleanup(self, restart: bool = False) -> None:
-        """On restart keep the connection and local ports; otherwise release everything."""
+        """On restart keep the connection and local ports; otherwise release everything.
+
+        ``restart`` is reliable here (cleanup_resources passes it through), unlike in
+        terminate()/kill() (jupyter_client #1061), so nothing needs caching beforehand.
+        """
         kernel = self._kernel
         if kernel is None or restart:
             return

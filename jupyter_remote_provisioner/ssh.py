@@ -56,11 +56,9 @@ class Connection:
         self.jumps: list[asyncssh.SSHClientConnection] = []
         self.users = 0
         self.lost = asyncio.Event()
-        self.lost_listeners: list[Callable[[], None]] = []
         self.resources: dict[
             Any, Any
         ] = {}  # per-connection singletons (agents), or futures of them
-        self.connect_seconds = 0.0
 
     async def open(
         self,
@@ -72,7 +70,6 @@ class Connection:
 
         ``on_hop(index, seconds)`` is called as each hop is verified and authenticated.
         """
-        started = time.monotonic()
         opened: list[asyncssh.SSHClientConnection] = []
         try:
             for index in range(len(self.target.hops)):
@@ -93,12 +90,9 @@ class Connection:
             await _close_all(opened)
             raise
         self.ssh, self.jumps = opened[-1], opened[:-1]
-        self.connect_seconds = time.monotonic() - started
 
     def _connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
-        for listener in list(self.lost_listeners):
-            listener()
 
     async def close(self) -> None:
         """Close the target connection, then the jump connections in reverse order."""
@@ -160,9 +154,6 @@ class ConnectionPool:
         if entry is not None and entry.done() and entry.result() is connection:
             del self._entries[connection.target]
         await connection.close()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 POOL = ConnectionPool()
