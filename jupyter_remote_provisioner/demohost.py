@@ -99,20 +99,28 @@ def session_pids(marker: str, sshd: int | None = None) -> list[int]:
     return sorted(set(found))
 
 
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (for a server to bind right after)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
 def kill_pids(pids: list[int], grace: float = 0.0) -> None:
     """SIGTERM and wait up to ``grace`` s (if > 0), then SIGKILL; wait (bounded) until gone."""
-
-    def alive(pid: int) -> bool:  # not even a zombie
-        with contextlib.suppress(OSError):
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        return False
-
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for pid in pids if wait else []:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait
-        while (pids := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        while (pids := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
@@ -186,9 +194,7 @@ class DemoHost:
             generate_keypair(self.identity_file, f"{self.alias}-client")
             host_key = generate_keypair(self.workdir / "ssh_host_ed25519_key", self.alias)
             if self.backend == "openssh":
-                with socket.socket() as s:  # a free port, for sshd to bind right after
-                    s.bind((LOOPBACK, 0))
-                    self.port = s.getsockname()[1]
+                self.port = free_port()
                 # PDEATHSIG fires when the spawning *thread* exits: tie it from the main one only.
                 self._start_sshd(threading.current_thread() is threading.main_thread())
             else:

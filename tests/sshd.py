@@ -24,7 +24,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from jupyter_remote_provisioner.demohost import (
+    free_port,
     generate_keypair,
+    kill_pids,
+    pid_alive,  # noqa: F401 - part of this module's API (tests)
     ssh_config_block,  # noqa: F401 - part of this module's API (conftest, bench)
     sshd_config_lines,
     wait_listening,
@@ -72,34 +75,16 @@ def current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pid_alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _kill(pids: list[int], grace: float = 0) -> None:
-    """Signal pids (SIGTERM first when ``grace`` > 0, then SIGKILL) and wait until gone."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        if not wait:
-            continue
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        if wait_until(lambda: not any(_pid_alive(p) for p in pids), timeout=wait):
-            return
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (closed connections in TIME_WAIT do not count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError:
+            return False
+    return True
 
 
 def _all_pids() -> list[int]:
@@ -264,11 +249,11 @@ class SshServer:
 
     def kill_all_sessions(self) -> None:
         """SIGKILL every per-connection sshd process: all clients lose their connection."""
-        _kill(self.session_pids())
+        kill_pids(self.session_pids())
 
     def kill_spawned(self) -> None:
         """Kill every process started through this server's sessions (SIGTERM, then SIGKILL)."""
-        _kill(self.spawned_pids(), grace=2)
+        kill_pids(self.spawned_pids(), grace=2)
 
     def close(self) -> None:
         """Stop the listener, drop all sessions and kill what they started."""

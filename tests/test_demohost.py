@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from jupyter_remote_provisioner.demohost import DemoHost
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
 from kernels import interrupt_sleeping_cell, run_cell, wait_for, write_spec
+from sshd import pid_alive, port_is_free
 
 pytestmark = pytest.mark.timeout(120)
 BACKENDS = ("openssh", "asyncssh")
@@ -33,18 +33,6 @@ def ssh(host: DemoHost, *command: str, user: str | None = None) -> subprocess.Co
     return subprocess.run(
         [*argv, host.alias, *command], capture_output=True, text=True, timeout=30, check=False
     )
-
-
-def port_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (a listener can bind it again)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            s.listen()
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(params=BACKENDS)
@@ -145,17 +133,10 @@ def test_stop_leaves_nothing_behind(backend: str, tmp_path: Path) -> None:
         session.kill()
         session.wait(timeout=5)
     assert demohost.session_pids(h.marker) == []
-    assert sshd is None or not _alive(sshd)
-    assert port_free(h.port)
+    assert sshd is None or not pid_alive(sshd)
+    assert port_is_free(h.port)
     assert not (tmp_path / "host").exists()  # keys and configs are gone with it
     wait_for(lambda: set(threading.enumerate()) <= threads, 10, "the server's threads to end")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_failed_start_cleans_up_and_says_why(tmp_path: Path) -> None:
@@ -199,14 +180,14 @@ def test_detached_sshd_outlives_its_process_until_killed(tmp_path: Path) -> None
     assert match, res.stdout
     pid = int(match.group(1))
     try:
-        assert _alive(pid)  # its parent (the python above) has exited
+        assert pid_alive(pid)  # its parent (the python above) has exited
         h = DemoHost(workdir)  # only to reuse the file names; never started
         assert ssh(h, "echo", "ok").stdout == "ok\n"
         stop = subprocess.run(
             ["sh", "-c", match.group(0)], capture_output=True, text=True, timeout=30, check=False
         )
         assert stop.returncode == 0, stop.stderr
-        wait_for(lambda: not _alive(pid), 10, "the kept sshd to exit")
+        wait_for(lambda: not pid_alive(pid), 10, "the kept sshd to exit")
         assert not workdir.exists()
     finally:
         demohost.kill_pids([pid])

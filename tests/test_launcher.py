@@ -17,6 +17,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from kernels import printed, remote_kernel_dirs, remote_processes, run_cell, wait_for
+from sshd import port_is_free
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,17 +40,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on 127.0.0.1:port (closed connections in TIME_WAIT do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 class VSCodeStyleLaunch:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 import subprocess
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import pytest
 
 from drivers import KINDS, Driver
 from kernels import interrupt_sleeping_cell, remote_base, remote_kernel_dirs, run_cell, wait_for
+from sshd import pid_alive
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,7 +37,7 @@ def test_start_execute_shutdown(driver):
     assert ssh_connection[0] == "127.0.0.1", "the kernel runs in an SSH session"
     assert pid == driver.provisioner._kernel.pid
     driver.shutdown()
-    wait_for(lambda: not _alive(pid), 10, "the remote kernel process to end")
+    wait_for(lambda: not pid_alive(pid), 10, "the remote kernel process to end")
 
 
 def test_remote_files_private_and_key_hidden(driver, remote_tmp):
@@ -95,7 +95,7 @@ def test_restart_clears_state(driver):
     out, _ = run_cell(kc, "print('x' in dir()); " + WHO)
     assert out.split()[0] == "False"
     assert int(out.split()[-1]) != first_pid
-    assert not _alive(first_pid)
+    assert not pid_alive(first_pid)
 
 
 def test_kernel_death_is_reported(driver):
@@ -148,15 +148,6 @@ def test_lost_connection_is_reported_and_restarted(remote_spec, ssh_env, no_left
     drop = lambda kc: ssh_env.server.kill_all_sessions()
     assert restarted_output(remote_spec(), drop) == "42"
     assert "Lost the SSH connection" in caplog.text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"  # a zombie has ended
 
 
 def info_port(driver: Driver, name: str) -> int:
