@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .agent import RemoteAgent
+from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import RemoteKernelError
 from .kernel import KernelSettings
 from .kernelspec import find_spec
@@ -97,7 +97,7 @@ async def _report_round_trip(agent: RemoteAgent, report: Report) -> bool:
         started = time.perf_counter()
         try:
             await agent.request("ping", reply_timeout=10)
-        except (asyncio.TimeoutError, Exception) as exc:  # noqa: BLE001 - reported as a step
+        except (AgentError, AgentLost, asyncio.TimeoutError) as exc:
             report(f"  {FAIL:<6} round trip: no answer from the remote agent ({exc or 'timeout'})")
             return False
         samples.append(time.perf_counter() - started)

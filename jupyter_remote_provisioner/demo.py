@@ -146,10 +146,10 @@ def _register(host: DemoHost, slug: str) -> str:
 
 
 @contextlib.contextmanager
-def _jupyter_dirs(keep: bool) -> Iterator[Path | None]:
+def _jupyter_dirs(keep: bool) -> Iterator[None]:
     """Without --keep, a private Jupyter data dir for the demo's spec (the user's is untouched)."""
     if keep:
-        yield None
+        yield
         return
     saved = {k: os.environ.get(k) for k in ("JUPYTER_DATA_DIR", "JUPYTER_PATH")}
     data_dir = Path(tempfile.mkdtemp(prefix="jrp-demo-jupyter-"))
@@ -158,7 +158,7 @@ def _jupyter_dirs(keep: bool) -> Iterator[Path | None]:
         filter(None, [str(data_dir), saved["JUPYTER_PATH"]])
     )
     try:
-        yield data_dir
+        yield
     finally:
         for key, value in saved.items():
             if value is None:

@@ -246,6 +246,12 @@ def provisioner_of(spec: Mapping[str, Any]) -> str:
     return str(provisioner.get("provisioner_name") or LOCAL_PROVISIONER)
 
 
+def provisioner_config(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``metadata.kernel_provisioner.config`` of a kernel.json dict (empty when none)."""
+    provisioner = spec.get("metadata", {}).get("kernel_provisioner", {})
+    return dict(provisioner.get("config") or {})
+
+
 def _all_specs() -> dict[str, Any]:
     return KernelSpecManager().get_all_specs()
 
@@ -254,12 +260,11 @@ def _to_remote(slug: str, entry: Mapping[str, Any]) -> RemoteSpec | None:
     spec = entry["spec"]
     if provisioner_of(spec) != PROVISIONER_NAME:
         return None
-    config = spec.get("metadata", {}).get("kernel_provisioner", {}).get("config") or {}
     return RemoteSpec(
         slug=slug,
         display_name=str(spec.get("display_name", slug)),
         resource_dir=str(entry["resource_dir"]),
-        config=dict(config),
+        config=provisioner_config(spec),
         spec=dict(spec),
     )
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from . import loop
 from .errors import ConfigError
-from .kernel import RemoteKernel
-from .kernelspec import PROVISIONER_NAME, provisioner_of
+from .kernel import LOST, RemoteKernel
+from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
 from .provisioner import remote_env, settings_from_config
 from .tunnel import CHANNELS
 
@@ -77,8 +77,7 @@ def read_spec_config(spec_dir: str) -> tuple[dict[str, Any], dict[str, str]]:
         raise ConfigError(f"cannot read kernelspec {path}: {exc}") from None
     if provisioner_of(spec) != PROVISIONER_NAME:
         raise ConfigError(f"kernelspec {path} does not use the {PROVISIONER_NAME}")
-    config = spec["metadata"]["kernel_provisioner"].get("config") or {}
-    return dict(config), dict(spec.get("env") or {})
+    return provisioner_config(spec), dict(spec.get("env") or {})
 
 
 def read_connection_file(path: str) -> Connection:
@@ -167,6 +166,6 @@ def exit_code(status: int | None) -> int:
     """0 for a clean exit, the kernel's status otherwise (128+N for signal N), never 0."""
     if status == 0:
         return 0
-    if status is None or status == -1:
+    if status is None or status == LOST:
         return 1
     return 128 - status if status < 0 else min(status, 255)

@@ -56,9 +56,8 @@ class Connection:
         self.jumps: list[asyncssh.SSHClientConnection] = []
         self.users = 0
         self.lost = asyncio.Event()
-        self.resources: dict[
-            Any, Any
-        ] = {}  # per-connection singletons (agents), or futures of them
+        # per-connection singletons (remote agents), or futures of them
+        self.resources: dict[Any, Any] = {}
 
     async def open(
         self,
