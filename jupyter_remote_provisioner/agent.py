@@ -1,4 +1,4 @@
-"""The local end of the remote agent (``remote_agent.py``), spoken over one SSH exec channel.
+"""The local end of the remote agent (package ``remote``), spoken over one SSH exec channel.
 
 The agent is a stdlib-only Python program sent as the channel's first bytes. It launches
 kernels detached in their own process groups, delivers signals, reports exits and removes
@@ -10,6 +10,7 @@ interpreter on one connection, so kernels cost no SSH session (sshd's MaxSession
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -25,19 +26,51 @@ from .errors import LaunchError
 log = logging.getLogger(__name__)
 
 BOOTSTRAP = (
-    "import sys;n=int(sys.stdin.buffer.readline());"
-    'exec(compile(sys.stdin.buffer.read(n),"jrp-agent","exec"))'
+    "import sys;n=int(sys.stdin.buffer.readline());s=sys.stdin.buffer.read(n);"
+    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s})'
 )
 EXIT_COMMAND_NOT_FOUND = 127
 STDERR_TAIL = 2000
+# The daemon drops a client silent for this many keepalive intervals (its link is dead),
+# which orphans that client's kernels even when sshd has not noticed the dead link.
+SILENT_INTERVALS = 4
 
 # Called with (exit status, tail of the kernel's output); status None: the agent was lost.
 ExitCallback = Callable[[int | None, str], None]
 
 
+# The bundle: the remote/ modules, an importer serving them as package ``jrp_agent``, and
+# the call of its entry point (the relay, or with AGENT_DAEMON set by the relay, the daemon).
+BUNDLE = """import importlib.abc, importlib.util, sys
+SOURCES = %r
+class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        short = name[len("jrp_agent."):] if name.startswith("jrp_agent.") else "__init__"
+        if (name == "jrp_agent" or name.startswith("jrp_agent.")) and short in SOURCES:
+            return importlib.util.spec_from_loader(name, self, is_package=name == "jrp_agent")
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        short = module.__name__[len("jrp_agent."):] or "__init__"
+        code = compile(SOURCES[short], "jrp_agent/" + short + ".py", "exec")
+        exec(code, module.__dict__)
+sys.meta_path.insert(0, Finder())
+import jrp_agent
+jrp_agent.run(AGENT_SOURCE, globals().get("AGENT_DAEMON", False))
+"""
+
+
+@functools.cache
 def agent_source() -> bytes:
-    """The remote agent program, as sent to the remote interpreter."""
-    return resources.files(__package__).joinpath("remote_agent.py").read_bytes()
+    """The remote agent program, as sent to the remote interpreter: one ASCII bundle."""
+    package = resources.files(__package__).joinpath("remote")
+    sources = {
+        item.name[: -len(".py")]: item.read_text("ascii")
+        for item in sorted(package.iterdir(), key=lambda item: item.name)
+        if item.name.endswith(".py")
+    }
+    return (BUNDLE % (sources,)).encode("ascii")
 
 
 def remote_command(python: str) -> str:
@@ -98,12 +131,18 @@ class RemoteAgent:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exit_callbacks: dict[str, ExitCallback] = {}
         self._hello = asyncio.get_running_loop().create_future()
+        self._keepalive: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
-        cls, conn: asyncssh.SSHClientConnection, python: str, host_label: str, timeout: float
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        python: str,
+        host_label: str,
+        timeout: float,
+        keepalive_interval: float,
     ) -> RemoteAgent:
-        """Run the agent with ``python`` on ``conn`` and wait for its hello."""
+        """Run the agent with ``python`` on ``conn``, wait for its hello, start keepalives."""
         agent = cls(python, host_label)
         channel, _ = await conn.create_session(
             lambda: _Session(agent), remote_command(python), encoding=None
@@ -120,7 +159,16 @@ class RemoteAgent:
             ) from None
         except AgentLost:
             raise agent._start_failure() from None
+        if keepalive_interval > 0:
+            agent._keepalive = asyncio.ensure_future(agent._send_keepalives(keepalive_interval))
         return agent
+
+    async def _send_keepalives(self, interval: float) -> None:
+        """One line every ``interval`` s, so the remote side can tell a dead link."""
+        while self._channel is not None and not self.closed.is_set():
+            line = {"id": next(self._ids), "op": "keepalive", "within": SILENT_INTERVALS * interval}
+            self._channel.write(json.dumps(line).encode() + b"\n")  # its reply is ignored
+            await asyncio.sleep(interval)
 
     def _start_failure(self) -> LaunchError:
         tail = " | ".join(self.stderr.strip().splitlines()[-3:])
@@ -186,6 +234,8 @@ class RemoteAgent:
     def channel_closed(self) -> None:
         """The channel is gone: fail every waiter and tell every watched kernel."""
         self.closed.set()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if not self._hello.done():
             self._hello.set_exception(AgentLost())
             self._hello.exception()

@@ -25,14 +25,20 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-AGENT_PATH = (
-    Path(__file__).resolve().parent.parent / "jupyter_remote_provisioner" / "remote_agent.py"
-)
-AGENT_SOURCE = AGENT_PATH.read_bytes()
+from jupyter_remote_provisioner.agent import agent_source
+
+AGENT_SOURCE = agent_source()
 BOOTSTRAP = (
-    "exec {python} -c 'import sys;n=int(sys.stdin.buffer.readline());"
-    'exec(compile(sys.stdin.buffer.read(n),"jrp-agent","exec"))\''
+    "import sys;n=int(sys.stdin.buffer.readline());s=sys.stdin.buffer.read(n);"
+    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s})'
 )
+
+
+def bootstrap_command(python):
+    """The exec command the local side sends over SSH."""
+    return f"exec {shlex.quote(python)} -c {shlex.quote(BOOTSTRAP)}"
+
+
 IPYKERNEL_ARGV = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 TIMEOUT = 30.0
@@ -47,6 +53,12 @@ def deadline_wait(predicate, timeout, what):
         time.sleep(0.02)
 
 
+def test_bootstrap_matches_the_local_side():
+    from jupyter_remote_provisioner.agent import remote_command
+
+    assert remote_command(sys.executable) == bootstrap_command(sys.executable)
+
+
 def process_gone(pid):
     """True if pid no longer exists or is a zombie nobody has reaped yet."""
     try:
@@ -59,11 +71,25 @@ def process_gone(pid):
         return True
 
 
+def processes_with_tmpdir(tmpdir):
+    """Pids of live processes whose environment has TMPDIR=tmpdir (relays, daemons, kernels)."""
+    mark = f"TMPDIR={tmpdir}".encode()
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if mark in environ and not process_gone(int(pid)):
+                found.append(int(pid))
+    return found
+
+
 class Agent:
-    """Runs the agent via the real bootstrap command and speaks its JSON-lines protocol."""
+    """Runs the agent via the real bootstrap command (a relay, which connects to or starts
+    the daemon) and speaks its JSON-lines protocol."""
 
     def __init__(self, python=sys.executable, env=None):
-        cmd = ["sh", "-c", BOOTSTRAP.format(python=shlex.quote(python))]
+        self.env = env
+        cmd = ["sh", "-c", bootstrap_command(python)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
         )
@@ -151,13 +177,19 @@ class Agent:
             self.proc.stdin.close()
         return self.proc.wait(timeout)
 
+    def socket_path(self):
+        return os.path.join(self.hello["base"] + "-agent", f"agent-{sha12(sys.executable)}-v2.sock")
+
     def destroy(self):
-        """Best-effort cleanup after a test, even a failed one."""
+        """Best-effort cleanup after a test, even a failed one: relay, daemon, kernels."""
         with contextlib.suppress(Exception):
             self.close(timeout=10)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self.hello.get("daemon_pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.hello["daemon_pid"], signal.SIGKILL)
         for pgid in self.pgids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
@@ -165,17 +197,38 @@ class Agent:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def sha12(text):
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 @pytest.fixture
-def make_agent():
+def rtmp():
+    """A private TMPDIR for this test's agents, short enough for ipc socket paths (pytest's
+    tmp_path is not: AF_UNIX paths are limited to ~107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="jrp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_agent(rtmp):
+    """Start relays whose TMPDIR is this test's own, so daemons of tests never meet;
+    afterwards kill every relay, daemon and kernel of that TMPDIR that is still there."""
     agents = []
 
     def make(**kw):
+        kw.setdefault("env", dict(os.environ, TMPDIR=str(rtmp)))
         agents.append(Agent(**kw))
         return agents[-1]
 
     yield make
     for a in agents:
         a.destroy()
+    for pid in processes_with_tmpdir(rtmp):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -236,22 +289,25 @@ def kernel_dirs(agent, kid):
 # -- hello and basic protocol -------------------------------------------------------------
 
 
-def test_hello(agent):
+def test_hello(agent, rtmp):
     h = agent.hello
-    assert h["protocol"] == 1 and h["pid"] == agent.proc.pid
+    assert h["protocol"] == 2 and h["pid"] == h["daemon_pid"] != agent.proc.pid
     assert h["python"] == ".".join(map(str, sys.version_info[:3]))
     assert h["executable"] == sys.executable
     assert h["ipykernel"] == importlib.metadata.version("ipykernel")
     assert h["home"] == os.path.expanduser("~")
-    assert h["base"] == os.path.join(tempfile.gettempdir(), f"jupyter-remote-{os.getuid()}")
+    assert h["base"] == os.path.join(rtmp, f"jupyter-remote-{os.getuid()}")
     st = os.lstat(h["base"])
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
     assert st.st_uid == os.getuid() and h["user"]
+    sock = os.lstat(agent.socket_path())
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
 
 
 def test_source_is_ascii_and_py36_syntax():
-    src = AGENT_SOURCE.decode("ascii")
-    ast.parse(src, feature_version=(3, 6))
+    ast.parse(AGENT_SOURCE.decode("ascii"), feature_version=(3, 6))
+    for module in (Path(__file__).parent.parent / "jupyter_remote_provisioner/remote").glob("*.py"):
+        ast.parse(module.read_text("ascii"), feature_version=(3, 6))
 
 
 def test_misc_requests(agent):
@@ -272,7 +328,8 @@ def test_misc_requests(agent):
 
 
 @pytest.mark.parametrize("problem", ["mode", "symlink"])
-def test_unsafe_base_dir_is_fatal(make_agent, tmp_path, problem):
+def test_unsafe_base_dir_is_fatal(make_agent, rtmp, problem):
+    tmp_path = rtmp
     base = tmp_path / f"jupyter-remote-{os.getuid()}"
     if problem == "mode":
         base.mkdir(mode=0o755)
@@ -464,6 +521,7 @@ def test_eof_stops_everything(agent):
     for reply in launched:
         deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
         assert not os.path.exists(reply["dir"])
+    deadline_wait(lambda: daemon_gone(agent), 10, "the daemon to exit")
 
 
 def test_sigterm_to_agent_stops_everything(agent):
@@ -473,3 +531,145 @@ def test_sigterm_to_agent_stops_everything(agent):
     for reply in launched:
         deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
         assert not os.path.exists(reply["dir"])
+    deadline_wait(lambda: daemon_gone(agent), 10, "the daemon to exit")
+
+
+# -- the daemon: kernels that outlive the channel -------------------------------------------
+
+
+def daemon_gone(agent):
+    """The agent's daemon has exited and removed its socket."""
+    return process_gone(agent.hello["daemon_pid"]) and not os.path.exists(agent.socket_path())
+
+
+def is_exited(event):
+    return event["event"] == "exited"
+
+
+def test_daemon_outlives_the_relay(make_agent):
+    a = make_agent()
+    reply, kid, key = a.launch(orphan_timeout=None)
+    assert reply["ok"], reply
+    with kernel_client(reply, key, "ipc") as kc:
+        assert run(kc, "x = 6*7")[0]["status"] == "ok"
+    assert a.close() == 0
+    assert not process_gone(reply["pid"]) and not process_gone(a.hello["daemon_pid"])
+
+    b = make_agent()
+    assert b.hello["daemon_pid"] == a.hello["daemon_pid"]
+    [k] = b.request("list")["kernels"]
+    assert (k["kernel"], k["pid"], k["dir"]) == (kid, reply["pid"], reply["dir"])
+    assert k["attached"] == 0 and k["orphan_timeout"] is None and k["orphaned_for"] >= 0
+    att = b.request("attach", kernel=kid)
+    assert att["ok"], att
+    assert [att[f] for f in ("pid", "pgid", "dir", "endpoints")] == [
+        reply[f] for f in ("pid", "pgid", "dir", "endpoints")
+    ]
+    [k] = b.request("list")["kernels"]
+    assert k["attached"] == 1 and k["orphaned_for"] is None
+    assert att["connection"] == {"key": key, "signature_scheme": "hmac-sha256",
+                                 "kernel_name": "python3"}  # fmt: skip
+    with kernel_client(att, key, "ipc") as kc:
+        content, out = run(kc, "print(x)")
+        assert content["status"] == "ok" and out.strip() == "42"
+
+    stop = b.request("stop", kernel=kid)
+    assert stop["ok"] and stop["status"] == -signal.SIGTERM, stop
+    event = b.wait_event(is_exited, timeout=1)  # sent before the stop reply
+    assert event["kernel"] == kid and event["status"] == stop["status"]
+    assert process_gone(reply["pid"]) and not os.path.exists(reply["dir"])
+    assert b.request("list")["kernels"] == []
+    gone = b.request("attach", kernel=kid)
+    assert not gone["ok"] and gone["error"] == f"no kernel {kid} on this host"
+    assert gone["exited"] == stop["status"]
+    assert not process_gone(b.hello["daemon_pid"])  # b is still connected
+    assert b.close() == 0
+    deadline_wait(lambda: daemon_gone(b), 10, "the daemon to exit")
+    assert os.listdir(b.hello["base"] + "-agent") == []  # no socket, lock or log left
+
+
+def test_orphan_timeout_stops_the_kernel_later(make_agent):
+    a = make_agent()
+    reply, _kid, _ = a.launch(orphan_timeout=2)
+    assert reply["ok"], reply
+    assert a.close() == 0
+    closed = time.monotonic()
+    assert not process_gone(reply["pid"])
+    deadline_wait(lambda: process_gone(reply["pid"]), 10, "the orphaned kernel to be stopped")
+    assert time.monotonic() - closed > 1.0  # it was kept for (about) its orphan_timeout
+    deadline_wait(lambda: not os.path.exists(reply["dir"]), 5, "its dir to be removed")
+    deadline_wait(lambda: daemon_gone(a), 10, "the daemon to exit")
+
+
+def test_closing_the_relay_stops_kernels_by_default(make_agent):
+    a = make_agent()
+    reply, _kid, _ = a.launch()
+    assert reply["ok"], reply
+    t0 = time.monotonic()
+    assert a.close() == 0
+    deadline_wait(lambda: process_gone(reply["pid"]), 5, "the kernel to die")
+    assert time.monotonic() - t0 < 5 and not os.path.exists(reply["dir"])
+    deadline_wait(lambda: daemon_gone(a), 10, "the daemon to exit")
+
+
+def test_simultaneous_relays_start_one_daemon(make_agent):
+    agents, barrier = [None] * 4, threading.Barrier(4)
+
+    def go(i):
+        barrier.wait()
+        agents[i] = make_agent()
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    assert all(a and a.hello["event"] == "hello" for a in agents), agents
+    assert len({a.hello["daemon_pid"] for a in agents}) == 1
+    assert all(a.request("ping")["ok"] for a in agents)
+    for a in agents:
+        assert a.close() == 0
+    deadline_wait(lambda: daemon_gone(agents[0]), 10, "the daemon to exit")
+
+
+def test_exited_event_goes_to_every_client_holding_the_kernel(make_agent):
+    a, b = make_agent(), make_agent()
+    assert a.hello["daemon_pid"] == b.hello["daemon_pid"]
+    ra, ka, _ = a.launch()
+    rb, kb, _ = b.launch()
+    assert ra["ok"] and rb["ok"]
+    os.killpg(ra["pgid"], signal.SIGKILL)
+    assert a.wait_event(is_exited, timeout=10)["kernel"] == ka
+    assert b.request("ping")["ok"]  # anything sent to b before now has arrived
+    assert not [e for e in b.events if is_exited(e)]
+    # a attaches to b's kernel: both hold it, so b leaving does not orphan it
+    assert a.request("attach", kernel=kb)["ok"]
+    assert [k["attached"] for k in b.request("list")["kernels"]] == [2]
+    c = make_agent()
+    assert b.close() == 0
+    [k] = c.request("list")["kernels"]
+    assert k["attached"] == 1 and k["orphaned_for"] is None and not process_gone(rb["pid"])
+    assert c.request("attach", kernel=kb)["ok"]
+    os.killpg(rb["pgid"], signal.SIGKILL)
+    assert a.wait_event(is_exited, timeout=10)["kernel"] == kb
+    assert c.wait_event(is_exited, timeout=10)["kernel"] == kb
+
+
+def test_silent_client_is_dropped_and_its_kernels_orphaned(make_agent):
+    """A client that promised keepalives and went quiet (dead link, sshd unaware) is dropped."""
+    a = make_agent()
+    reply, _kid, _ = a.launch(orphan_timeout=0)
+    assert reply["ok"], reply
+    assert a.request("keepalive", within=1)["ok"]
+    assert not a.request("keepalive", within=0)["ok"]
+    deadline_wait(lambda: process_gone(reply["pid"]), 10, "the silent client's kernel to stop")
+    assert a.proc.wait(10) == 0  # the relay ends when the daemon drops its client
+
+
+def test_sigterm_to_daemon_stops_everything(agent):
+    launched = launch_two_stubborn_kernels(agent)
+    os.kill(agent.hello["daemon_pid"], signal.SIGTERM)
+    assert agent.proc.wait(15) == 0  # the relay ends with its daemon
+    for reply in launched:
+        assert process_gone(reply["pid"]) and not os.path.exists(reply["dir"])
+    deadline_wait(lambda: daemon_gone(agent), 5, "the daemon to exit")

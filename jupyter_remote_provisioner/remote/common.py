@@ -1,0 +1,171 @@
+"""Shared by relay and daemon: protocol constants, the error type, process and file helpers,
+the private base directories and the lock that serialises daemon start and exit."""
+
+import contextlib
+import fcntl
+import getpass
+import hashlib
+import os
+import stat
+import sys
+import tempfile
+import time
+
+PROTOCOL = 2
+CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+START_TIMEOUT = 10.0  # seconds for a new daemon to listen, and for a hello to arrive
+
+
+class AgentError(Exception):
+    """A request failed: the message is the reply's one-line error, extra goes into the reply."""
+
+    def __init__(self, message, **extra):
+        Exception.__init__(self, message)
+        self.extra = extra
+
+
+def one_line(text):
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def killpg(pgid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def exited(proc, block=False):
+    """Has proc exited (block: wait until it has)? Leaves it unreaped where the OS allows,
+    so its pid stays its group's id and a later killpg cannot hit a recycled pid."""
+    if proc.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):
+        return (proc.wait() if block else proc.poll()) is not None
+    try:
+        flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
+        return os.waitid(os.P_PID, proc.pid, flags) is not None
+    except ChildProcessError:
+        return True
+
+
+def file_tail(path, lines=20, limit=4000):
+    """Last lines of a log file, for error reports."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])[-limit:]
+
+
+def log_tail(kdir):
+    """Last lines of the kernel's combined stdout/stderr."""
+    return file_tail(os.path.join(kdir, "kernel.log"))
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of pid so far (Linux /proc); None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def parent_pid(pid):
+    """The parent of pid (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_name(pid):
+    """The command name of pid (Linux /proc), or ""."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def ipykernel_version():
+    """Installed ipykernel version without importing it (slow); None if it is absent."""
+    try:
+        from importlib import metadata
+
+        return metadata.version("ipykernel")
+    except Exception:  # noqa: BLE001 - no importlib.metadata (< 3.8) or no dist-info
+        import importlib.util
+
+        return "unknown" if importlib.util.find_spec("ipykernel") else None
+
+
+def user_name():
+    try:
+        return getpass.getuser()
+    except (ImportError, KeyError, OSError):  # no passwd entry for our uid
+        return str(os.getuid())
+
+
+def ensure_base_dir(suffix=""):
+    """Create or validate <tmp>/jupyter-remote-<uid><suffix>: a private real directory owned
+    by us. Kernel dirs go in the base dir; the daemon's socket, lock and log in "-agent"."""
+    uid = os.getuid()
+    base = os.path.join(tempfile.gettempdir(), f"jupyter-remote-{uid}{suffix}")
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise AgentError(f"cannot create {base}: {e.strerror}") from None
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode):
+        raise AgentError(f"{base} is not a directory (or is a symlink)")
+    if st.st_uid != uid:
+        raise AgentError(f"{base} is owned by uid {st.st_uid}, not {uid}")
+    if st.st_mode & 0o077:
+        raise AgentError(f"{base} is open to other users (mode {st.st_mode & 0o777:o})")
+    return base
+
+
+def daemon_files():
+    """(socket, lock, log) names, relative to the "-agent" dir (the cwd of relay and daemon,
+    which keeps the socket path short of the AF_UNIX limit)."""
+    h = hashlib.sha256(sys.executable.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    name = f"agent-{h}-v{PROTOCOL}"  # a daemon of another protocol version is another daemon
+    return name + ".sock", name + ".lock", name + ".log"
+
+
+@contextlib.contextmanager
+def base_lock(path, timeout):
+    """Hold an exclusive flock on path. The daemon removes the file while holding it, so a
+    waiter checks that it locked the file still at path, and retries otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise AgentError(f"timed out waiting for the lock {path}") from None
+                    time.sleep(0.01)
+            st, now = os.fstat(fd), None
+            with contextlib.suppress(FileNotFoundError):
+                now = os.stat(path)
+            if now is not None and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)  # releases the flock

@@ -1,0 +1,215 @@
+"""The daemon: accept clients on the socket, orphan and reap kernels, exit when idle."""
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import sys
+import threading
+import time
+
+from .common import (
+    PROTOCOL,
+    START_TIMEOUT,
+    AgentError,
+    base_lock,
+    cpu_seconds,
+    daemon_files,
+    ensure_base_dir,
+    ipykernel_version,
+    user_name,
+)
+from .ops import dispatch
+from .table import (
+    CLIENTS,
+    EXITED,
+    EXITED_KEEP,
+    KERNELS,
+    LOCK,
+    SHUTDOWN_GRACE,
+    STATE,
+    Client,
+    terminate_kernels,
+)
+
+REAP_INTERVAL = 0.5
+BUSY_CPU = 0.2  # share of one CPU above which a kernel counts as busy
+FIRST_CLIENT_GRACE = 10.0  # seconds a new daemon waits for its first client
+
+
+def hello(client):
+    info = {"event": "hello", "protocol": PROTOCOL, "pid": os.getpid(), "daemon_pid": os.getpid()}
+    info.update(client=client.id)
+    info.update(
+        executable=sys.executable, python=platform.python_version(), ipykernel=ipykernel_version()
+    )
+    info.update(home=os.path.expanduser("~"), user=user_name(), base=STATE["base"])
+    return info
+
+
+def serve(sock):
+    """One client: hello, then its request lines until it disconnects."""
+    client = Client(sock)
+    with LOCK:
+        if STATE["closing"]:  # the relay sees EOF before any hello, and retries
+            client.close()
+            return
+        CLIENTS.add(client)
+        STATE["served"] = True
+    try:
+        client.emit(hello(client))
+        first = True
+        for line in sock.makefile("rb"):
+            client.last_seen = time.monotonic()
+            if first and line.startswith(b'{"relay"'):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    relay = json.loads(line.decode("utf-8"))["relay"]
+                    client.env, client.relay_pid = dict(relay["env"]), int(relay["pid"])
+            elif line.strip():
+                dispatch(client, line)
+            first = False
+    except OSError:
+        pass
+    disconnect(client)
+
+
+def disconnect(client):
+    """The client is gone: orphan the kernels only it held, stop those due now, maybe exit."""
+    with LOCK:
+        CLIENTS.discard(client)
+        for k in KERNELS.values():
+            if client in k.clients:
+                k.clients.discard(client)
+                if not k.clients:
+                    k.orphaned_at = time.monotonic()
+    for k in reap():  # the channel closes once they are cleaned up, as in protocol 1
+        k.done.wait(5.0)
+    client.close()
+    maybe_exit()
+
+
+def reap():
+    """Stop the orphaned kernels whose orphan_timeout has passed; forget old exits."""
+    now = time.monotonic()
+    with LOCK:
+        due = [
+            k for k in KERNELS.values()
+            if not k.clients and not k.stopping and k.orphan_timeout is not None
+            and now - k.orphaned_at >= k.orphan_timeout
+        ]  # fmt: skip
+        for k in due:
+            k.stopping = True
+        for kid in [kid for kid, e in EXITED.items() if now - e[0] > EXITED_KEEP]:
+            del EXITED[kid]
+    if due:
+        terminate_kernels(due, SHUTDOWN_GRACE)
+    return due
+
+
+def drop_silent_clients():
+    """Disconnect clients that promised keepalives and went silent: their link is dead even
+    if sshd has not noticed (no ClientAliveInterval), so their kernels become orphans."""
+    now = time.monotonic()
+    with LOCK:
+        silent = [
+            c for c in CLIENTS
+            if c.silence_limit is not None and now - c.last_seen > c.silence_limit
+        ]  # fmt: skip
+    for client in silent:
+        client.close()  # its serve() loop ends and disconnects it
+
+
+def sample_cpu():
+    """Note which kernels used CPU since the last round (the `busy` of the list op)."""
+    now = time.monotonic()
+    with LOCK:
+        kernels = list(KERNELS.values())
+    for k in kernels:
+        used = cpu_seconds(k.proc.pid)
+        if used is None:
+            k.busy = None
+        elif k.cpu is not None:
+            k.busy = (used - k.cpu[1]) / max(now - k.cpu[0], 1e-3) > BUSY_CPU
+        k.cpu = None if used is None else (now, used)
+
+
+def reaper():
+    while True:
+        time.sleep(REAP_INTERVAL)
+        drop_silent_clients()
+        sample_cpu()
+        reap()
+        maybe_exit()
+
+
+def idle():
+    """No kernels and no clients (and, for a new daemon, its first client came or is late)."""
+    with LOCK:
+        waited = STATE["served"] or time.monotonic() - STATE["born"] > FIRST_CLIENT_GRACE
+        return not KERNELS and not CLIENTS and waited and not STATE["closing"]
+
+
+def remove_files():
+    """Remove the socket (so no relay connects any more), the log and the lock file; call
+    with the lock held, so a relay never races us between its connect and its spawn."""
+    sock_name, lock_name, log_name = daemon_files()
+    for name in (sock_name, log_name, lock_name):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def maybe_exit():
+    """Exit if idle; decided again under the lock, since a relay may connect meanwhile."""
+    if not idle():
+        return
+    try:
+        with base_lock(daemon_files()[1], START_TIMEOUT):
+            with LOCK:
+                if not idle():
+                    return
+                STATE["closing"] = True  # from here on serve() turns new clients away
+            remove_files()
+    except (AgentError, OSError):
+        return  # try again on the reaper's next round
+    os._exit(0)
+
+
+def on_daemon_signal(signum, frame):
+    """SIGTERM/SIGHUP: stop every kernel, remove the socket, exit."""
+    with LOCK:
+        if STATE["closing"]:
+            return
+        STATE["closing"] = True
+        kernels = list(KERNELS.values())
+    terminate_kernels(kernels, SHUTDOWN_GRACE, remove=True)
+    with contextlib.suppress(AgentError, OSError), base_lock(daemon_files()[1], START_TIMEOUT):
+        remove_files()
+    os._exit(0)
+
+
+def daemon_main():
+    """Listen on the socket (0600) in the base dir and serve clients until idle."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_daemon_signal)
+    STATE["base"] = ensure_base_dir()
+    os.chdir(ensure_base_dir("-agent"))
+    sock_name = daemon_files()[0]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock_name)  # stale: the relay that started us found nobody listening
+    old = os.umask(0o177)
+    try:
+        listener.bind(sock_name)
+    finally:
+        os.umask(old)
+    listener.listen(64)
+    threading.Thread(target=reaper, daemon=True).start()
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            time.sleep(0.1)
+            continue
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()

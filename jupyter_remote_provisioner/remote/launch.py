@@ -1,0 +1,181 @@
+"""The launch op: validate, write the connection file, spawn, wait until it listens, watch."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+from .common import CHANNELS, AgentError, exited, killpg, log_tail
+from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
+
+
+def alloc_ports(n=5):
+    """n distinct free localhost ports, none already handed to a live kernel."""
+    with LOCK:
+        socks, ports = [], []
+        try:
+            while len(socks) < 20 * n and len(ports) < n:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", 0))
+                if s.getsockname()[1] not in USED_PORTS:
+                    ports.append(s.getsockname()[1])
+        finally:
+            for s in socks:
+                s.close()
+        if len(ports) < n:
+            raise AgentError(f"could not find {n} free tcp ports on 127.0.0.1")
+        USED_PORTS.update(ports)
+        return ports
+
+
+def tcp_listening(port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(("127.0.0.1", port))
+        return s.getsockname() != s.getpeername()  # a TCP self-connect is not a listener
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def check_launch(req):
+    """Validate a launch request; returns (kid, argv, env, conn, transport, cwd, timeout)."""
+    kid, argv, env = req.get("kernel"), req.get("argv"), req.get("env") or {}
+    conn, transport = req.get("connection"), req.get("transport", "ipc")
+    if not isinstance(kid, str) or not kid:
+        raise AgentError("launch needs a kernel id")
+    if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+        raise AgentError("launch needs argv as a non-empty list of strings")
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in [*env, *env.values()]):
+        raise AgentError("launch needs env as a mapping of strings to strings")
+    if transport not in ("ipc", "tcp"):
+        raise AgentError(f"unknown transport {transport!r}")
+    if not isinstance(conn, dict) or not isinstance(conn.get("key"), str):
+        raise AgentError("launch needs connection.key")
+    orphan = req.get("orphan_timeout", 0)
+    if orphan is not None and (
+        isinstance(orphan, bool) or not isinstance(orphan, (int, float)) or orphan < 0
+    ):
+        raise AgentError("orphan_timeout must be a number of seconds >= 0, or null")
+    # Relative to the home directory, as the exec channel's cwd was (the daemon's is base).
+    cwd = os.path.join(os.path.expanduser("~"), os.path.expanduser(req.get("cwd") or "~"))
+    if not os.path.isdir(cwd):
+        raise AgentError(f"remote working directory {cwd} does not exist")
+    return kid, argv, env, conn, transport, cwd, float(req.get("timeout") or 60.0), orphan
+
+
+def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
+    """Make the kernel dir and connection file, start the kernel; returns (Kernel, endpoints)."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "", kid)[:8] or "kernel"
+    kdir = tempfile.mkdtemp(prefix=safe + "-", dir=STATE["base"])
+    ports = []
+    try:
+        if transport == "ipc":
+            ip, by_channel = os.path.join(kdir, "k"), dict(zip(CHANNELS, range(1, 6)))
+            endpoints = {ch: f"{ip}-{p}" for ch, p in by_channel.items()}
+            if len(endpoints["shell"]) > 100:  # AF_UNIX paths are limited to ~107 bytes
+                raise AgentError(f"ipc socket path {endpoints['shell']} is too long")
+        else:
+            ip, ports = "127.0.0.1", alloc_ports()
+            by_channel = endpoints = dict(zip(CHANNELS, ports))
+        info = {f"{ch}_port": p for ch, p in by_channel.items()}
+        info.update(ip=ip, transport=transport, key=conn["key"])
+        info.update(signature_scheme=conn.get("signature_scheme", "hmac-sha256"))
+        info.update(kernel_name=conn.get("kernel_name", ""))
+        cfile = os.path.join(kdir, "connection.json")
+        with os.fdopen(os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump(info, f)
+        cmd = [a.replace("{connection_file}", cfile) for a in argv]
+        full_env = dict(client.env, **env)
+        log_fd = os.open(os.path.join(kdir, "kernel.log"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with LOCK:  # spawn + register atomically with respect to shutdown's snapshot
+                if STATE["closing"]:
+                    raise AgentError("agent is shutting down")
+                if kid in KERNELS:
+                    raise AgentError(f"kernel {kid} is already running on this host")
+                try:
+                    proc = subprocess.Popen(
+                        cmd, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL, stdout=log_fd,
+                        stderr=log_fd, start_new_session=True, close_fds=True,
+                    )  # fmt: skip
+                except OSError as e:
+                    raise AgentError(f"cannot run {argv[0]}: {e.strerror or e}") from None
+                k = KERNELS[kid] = Kernel(kid, proc, kdir, ports, client, orphan)
+                k.kernel_name = str(conn.get("kernel_name") or "")
+                if client not in CLIENTS:  # the client left while we were preparing
+                    k.orphaned_at = time.monotonic()
+                    k.clients.clear()
+        finally:
+            os.close(log_fd)
+    except BaseException:
+        with LOCK:
+            USED_PORTS.difference_update(ports)
+        shutil.rmtree(kdir, ignore_errors=True)
+        raise
+    k.endpoints = endpoints
+    return k, endpoints
+
+
+def abort_start(k, message, with_status):
+    """Kill what is left of a kernel that failed to start, clean up, raise the error reply."""
+    killpg(k.pgid, signal.SIGKILL)
+    k.status = status = k.proc.wait()
+    extra = {"log_tail": log_tail(k.dir)}
+    shutil.rmtree(k.dir, ignore_errors=True)
+    release(k)
+    k.done.set()
+    if with_status:
+        message, extra["status"] = message % status, status
+    raise AgentError(message, **extra)
+
+
+def op_launch(client, req):
+    """Start a kernel detached, wait until it listens, reply; a watcher reports its exit."""
+    kid, argv, env, conn, transport, cwd, timeout, orphan = check_launch(req)
+    k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan)
+    deadline = time.monotonic() + timeout
+    pending = list(endpoints.values())
+    ready = os.path.exists if transport == "ipc" else tcp_listening
+    while True:
+        if exited(k.proc):
+            abort_start(k, "kernel exited with status %d during start", True)
+        pending = [p for p in pending if not ready(p)]
+        if not pending:
+            break
+        if time.monotonic() >= deadline:
+            abort_start(k, f"kernel did not start listening within {timeout:g} s", False)
+        time.sleep(0.01)
+    k.ready = True
+    threading.Thread(target=watch, args=(k,), daemon=True).start()
+    reply = {"re": req.get("id"), "ok": True, "pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir}
+    client.emit(dict(reply, endpoints=endpoints))
+    k.announced.set()  # the reply is written here so the exited event can never precede it
+
+
+def watch(k):
+    """Wait for a kernel to exit, kill its leftovers, remove its files, report the exit to
+    the clients holding it and remember it for a while."""
+    exited(k.proc, block=True)
+    killpg(k.pgid, signal.SIGKILL)  # children the kernel left behind in its group
+    k.status = status = k.proc.wait()
+    tail = log_tail(k.dir) if status != 0 else ""
+    shutil.rmtree(k.dir, ignore_errors=True)
+    with LOCK:
+        EXITED[k.kid] = (time.monotonic(), status, tail)
+        release(k)
+    k.announced.wait(10.0)
+    with LOCK:
+        clients = list(k.clients)
+    for client in clients:
+        client.emit({"event": "exited", "kernel": k.kid, "status": status, "log_tail": tail})
+    k.done.set()  # the daemon's reaper notices when it was the last one
