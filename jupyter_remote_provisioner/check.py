@@ -18,7 +18,7 @@ from .errors import RemoteKernelError
 from .kernel import KernelSettings
 from .kernelspec import find_spec
 from .provisioner import settings_from_config
-from .ssh import Connection
+from .sessions import agent_session
 
 PINGS = 5
 OK, FAIL, SKIP = "[ok]", "[FAIL]", "[--]"
@@ -53,7 +53,6 @@ def run(args: argparse.Namespace) -> int:
 async def check(settings: KernelSettings, report: Report) -> bool:
     """Run every step, reporting each; True when a kernel could start."""
     target = settings.target
-    connection = Connection(target)
 
     def hop_done(index: int, seconds: float) -> None:
         hop = target.hops[index]
@@ -62,18 +61,13 @@ async def check(settings: KernelSettings, report: Report) -> bool:
                f"({seconds * 1000:.0f} ms)")  # fmt: skip
 
     try:
-        await connection.open(settings.connect_timeout, settings.keepalive_interval, hop_done)
-        assert connection.ssh is not None
-        agent = await RemoteAgent.start(
-            connection.ssh, settings.python, target.host.label, settings.connect_timeout
-        )
-        connection.resources["agent"] = agent
-        return _report_remote(agent, settings, report) and await _report_round_trip(agent, report)
+        async with agent_session(settings, hop_done) as agent:
+            return _report_remote(agent, settings, report) and await _report_round_trip(
+                agent, report
+            )
     except RemoteKernelError as exc:
         report(f"  {FAIL:<6} {exc}")
         return False
-    finally:
-        await connection.close()
 
 
 def _report_remote(agent: RemoteAgent, settings: KernelSettings, report: Report) -> bool:

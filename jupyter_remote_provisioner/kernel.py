@@ -1,9 +1,12 @@
-"""One kernel's remote life: connect, launch, forward, watch, signal, stop, clean up.
+"""One kernel's remote life: connect, launch, forward, watch, reconnect, signal, stop, clean up.
 
 Every coroutine here runs on the package loop (see ``loop.py``). The exit status is pushed
 by the remote agent, so :attr:`RemoteKernel.exit_status` answers ``poll()`` with no network
 round trip. A failed start leaves nothing behind: no listener, no connection, no remote
-process or file.
+process or file. When the connection drops, the remote kernel keeps running (the agent's
+daemon owns it) and :meth:`RemoteKernel._recover` reconnects through the same chain,
+re-attaches and points the same local listeners at it; only after ``reconnect_timeout``
+is the kernel reported lost.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ log = logging.getLogger(__name__)
 
 IPYKERNEL_ARGV = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
 LOG_TAIL_LINES = 6
-LOST = -1  # exit status reported when the connection (and with it the kernel) was lost
+LOST = -1  # exit status reported when the kernel could not be reached again
+RECONNECT_PAUSES = (0.5, 5.0)  # seconds between reconnect attempts: first, then doubling to max
 CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGKILL)
 
 
@@ -43,6 +47,8 @@ class KernelSettings:
     connect_timeout: float = 15.0
     launch_timeout: float = 60.0
     keepalive_interval: float = 15.0
+    reconnect_timeout: float = 600.0
+    orphan_timeout: float | None = 600.0
 
     def argv(self) -> list[str]:
         """The remote command: ``kernel_argv`` when given, else ipykernel on ``python``."""
@@ -65,6 +71,8 @@ class RemoteKernel:
         self._agent: RemoteAgent | None = None
         self._exited = asyncio.Event()
         self._running = False
+        self._recovery: asyncio.Task[None] | None = None
+        self._agent_client: int | None = None  # the agent daemon's id for our channel
 
     @property
     def running(self) -> bool:
@@ -91,6 +99,7 @@ class RemoteKernel:
             raise
         self.pid = reply.get("pid")
         self.exit_status, self._running = None, True
+        self._agent_client = self._agent.hello.get("client") if self._agent else None
         self._exited.clear()
         assert self._conn is not None and self._conn.ssh is not None
         self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
@@ -144,6 +153,7 @@ class RemoteKernel:
                 cwd=settings.cwd,
                 transport=settings.transport,
                 timeout=settings.launch_timeout,
+                orphan_timeout=settings.orphan_timeout,
                 connection={
                     "key": key.decode() if isinstance(key, bytes) else key,
                     "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
@@ -178,29 +188,130 @@ class RemoteKernel:
         )
 
     def _on_exit(self, status: int | None, log_tail: str) -> None:
+        if status is None:  # the agent's channel closed: the kernel runs on without us
+            if self._running and self._recovery is None:
+                self._recovery = asyncio.ensure_future(self._recover())
+            return
+        clean = status in CLEAN_EXITS
+        lines = [] if clean else log_tail.strip().splitlines()[-LOG_TAIL_LINES:]
+        tail = " | ".join(line for line in lines if line.strip())
+        level = logging.INFO if clean else logging.WARNING
+        self.log.log(
+            level,
+            "Remote kernel %s exited with status %s%s",
+            self.kernel_id,
+            status,
+            f": {tail}" if tail else "",
+        )
+        self._set_exited(status)
+
+    def _set_exited(self, status: int) -> None:
         self._running = False
-        if status is None:
-            # The agent stops its kernels when its channel closes (connection lost).
-            self.exit_status = LOST
-            self.log.warning(
-                "Lost the SSH connection to %s: remote kernel %s was stopped with it",
-                self.settings.target.describe(),
-                self.kernel_id,
-            )
-        else:
-            self.exit_status = status
-            clean = status in CLEAN_EXITS
-            lines = [] if clean else log_tail.strip().splitlines()[-LOG_TAIL_LINES:]
-            tail = " | ".join(line for line in lines if line.strip())
-            level = logging.INFO if clean else logging.WARNING
-            self.log.log(
-                level,
-                "Remote kernel %s exited with status %s%s",
-                self.kernel_id,
-                status,
-                f": {tail}" if tail else "",
-            )
+        self.exit_status = status
         self._exited.set()
+
+    async def _recover(self) -> None:
+        """Reconnect, re-attach and re-point the listeners; give up after reconnect_timeout."""
+        settings = self.settings
+        where = settings.target.describe()
+        self.log.warning("Lost the SSH connection to %s; reconnecting (kernel %s keeps running "
+                         "there)", where, self.kernel_id)  # fmt: skip
+        started = time.monotonic()
+        deadline = started + settings.reconnect_timeout
+        pause, problem = RECONNECT_PAUSES[0], "no attempt finished"
+        try:
+            while self._running:
+                try:
+                    await asyncio.wait_for(self._reattach(), max(0.1, deadline - time.monotonic()))
+                    self.log.info("Reconnected to %s in %.1f s; kernel %s resumed", where,
+                                  time.monotonic() - started, self.kernel_id)  # fmt: skip
+                    return
+                except AgentError as exc:
+                    self._gone_while_away(exc.reply)
+                    return
+                except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
+                    problem = str(exc) or type(exc).__name__
+                    self.log.debug("reconnect to %s failed: %s", where, problem)
+                if time.monotonic() + pause >= deadline:
+                    break
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, RECONNECT_PAUSES[1])
+            if self._running:
+                self.log.warning(
+                    "Gave up reconnecting to %s after %g s (reconnect_timeout); kernel %s is "
+                    "reported dead. Last error: %s", where, settings.reconnect_timeout,
+                    self.kernel_id, problem,
+                )  # fmt: skip
+                self._set_exited(LOST)
+        finally:
+            self._recovery = None
+
+    async def attach(self, ports: Mapping[str, int] | None = None) -> dict[str, Any]:
+        """Take hold of a kernel this package already runs on the target (kept, or held by
+        another client): forward to it and return connection info with its session key."""
+        try:
+            await self.tunnel.open(ports)
+            reply = await self._reattach()
+        except AgentError as exc:
+            await self.close(keep_kernel=True)
+            if "exited" in exc.reply:
+                raise RemoteKernelError(
+                    f"kernel {self.kernel_id} on {self.settings.target.host.label} exited "
+                    f"recently (status {exc.reply['exited']})"
+                ) from None
+            raise RemoteKernelError(
+                f"no kernel {self.kernel_id} on {self.settings.target.host.label}; "
+                f"`remote_kernel ps` lists the running ones"
+            ) from None
+        except BaseException:
+            await self.close(keep_kernel=True)
+            raise
+        self.pid, self.exit_status, self._running = reply.get("pid"), None, True
+        connection = reply.get("connection") or {}
+        return {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            **self.tunnel.connection_info(),
+            "key": connection.get("key", ""),
+            "signature_scheme": connection.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": connection.get("kernel_name", ""),
+        }
+
+    async def _reattach(self) -> dict[str, Any]:
+        """One attempt: a live connection and agent, ownership of the kernel, the forwards."""
+        replaces = None
+        if self._conn is not None and self._conn.lost.is_set():
+            self.tunnel.retarget(None, {})  # refuse clients until we are back
+            self.tunnel.drop_connections()  # streams of the dead link: clients reconnect
+            replaces = self._agent_client  # its remote end may linger: the daemon ends it
+        await self._connect()
+        assert self._agent is not None and self._conn is not None and self._conn.ssh is not None
+        self._agent.on_exit(self.kernel_id, self._on_exit)  # before the reply: no lost event
+        try:
+            reply = await self._agent.request(
+                "attach",
+                reply_timeout=self.settings.connect_timeout,
+                kernel=self.kernel_id,
+                replaces=replaces,
+            )
+        except BaseException:
+            self._agent.on_exit(self.kernel_id, None)
+            raise
+        self._agent_client = self._agent.hello.get("client")
+        self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
+        return reply
+
+    def _gone_while_away(self, reply: Mapping[str, Any]) -> None:
+        """The kernel was not there to re-attach to: it exited, or was reaped as an orphan."""
+        if "exited" in reply:
+            self._on_exit(int(reply["exited"]), str(reply.get("log_tail") or ""))
+            return
+        self.log.warning(
+            "Remote kernel %s is gone from %s (stopped while disconnected, e.g. after "
+            "orphan_timeout=%s s)", self.kernel_id, self.settings.target.describe(),
+            self.settings.orphan_timeout,
+        )  # fmt: skip
+        self._set_exited(LOST)
 
     async def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group on the remote host."""
@@ -233,6 +344,14 @@ class RemoteKernel:
         """Make sure the kernel process is gone: SIGKILL its group and wait (bounded)."""
         if not self._running:
             return
+        if self._recovery is not None:
+            self.log.warning(
+                "Remote kernel %s is unreachable; its host stops it after orphan_timeout (%s s)",
+                self.kernel_id, self.settings.orphan_timeout,
+            )  # fmt: skip
+            self._recovery.cancel()
+            self._running = False
+            return
         try:
             await self.signal(signal.SIGKILL)
             await asyncio.wait_for(self._exited.wait(), timeout)
@@ -240,8 +359,13 @@ class RemoteKernel:
             self.log.warning("Remote kernel %s did not confirm its exit", self.kernel_id)
             self._running = False
 
-    async def close(self) -> None:
-        """Stop the kernel if needed, close the forwards and let go of the connection."""
+    async def close(self, keep_kernel: bool = False) -> None:
+        """Stop the kernel if needed (unless ``keep_kernel``: detach, it runs on), close the
+        forwards and let go of the connection."""
+        if keep_kernel:
+            self._running = False
+            if self._recovery is not None:
+                self._recovery.cancel()
         await self.stop()
         if self._agent is not None:
             self._agent.on_exit(self.kernel_id, None)
@@ -261,7 +385,7 @@ async def _agent_for(conn: Connection, settings: KernelSettings) -> RemoteAgent:
         assert conn.ssh is not None
         pending = asyncio.ensure_future(
             RemoteAgent.start(conn.ssh, settings.python, settings.target.host.label,
-                              settings.connect_timeout)
+                              settings.connect_timeout, settings.keepalive_interval)
         )  # fmt: skip
         conn.resources[key] = pending
     else:

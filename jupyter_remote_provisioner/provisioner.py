@@ -80,11 +80,24 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
     connect_timeout = Float(15.0, config=True, help="Seconds allowed for each SSH hop to connect.")
     launch_timeout = Float(60.0, config=True, help="Seconds allowed for the kernel to start.")
-    keepalive_interval = Float(15.0, config=True, help="Seconds between SSH keepalives.")
+    keepalive_interval = Float(
+        15.0, config=True, help="Seconds between SSH keepalives; 3 missed ones drop the link."
+    )
+    reconnect_timeout = Float(
+        600.0, config=True, help="Seconds to keep reconnecting after the SSH link drops."
+    )
+    orphan_timeout = Float(
+        600.0,
+        allow_none=True,
+        config=True,
+        help="Seconds a kernel runs on remotely with no client connected before it is "
+        "stopped; null keeps it until stopped (remote_kernel stop).",
+    )
 
     CONFIG_KEYS = (
         "host", "jump", "python", "kernel_argv", "env", "cwd", "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
+        "reconnect_timeout", "orphan_timeout",
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
@@ -132,6 +145,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             connect_timeout=self.connect_timeout,
             launch_timeout=self.launch_timeout,
             keepalive_interval=self.keepalive_interval,
+            reconnect_timeout=self.reconnect_timeout,
+            orphan_timeout=self.orphan_timeout,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

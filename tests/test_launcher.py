@@ -168,8 +168,8 @@ def test_start_failure_is_one_line(remote_spec, launch):
 
 def test_killed_launcher_leaves_no_remote_kernel(remote_spec, launch, remote_tmp):
     """kill -9 of the local side: its SSH connection drops, and the remote agent stops the
-    kernel and removes its files (nothing keeps burning memory on the server)."""
-    started = launch(remote_spec(argv=launcher_argv()))
+    kernel and removes its files after orphan_timeout (nothing keeps burning memory)."""
+    started = launch(remote_spec(argv=launcher_argv(), orphan_timeout=2))
     run_cell(started.connect(), "x = 1")
     assert remote_kernel_dirs(remote_tmp)
     started.proc.kill()

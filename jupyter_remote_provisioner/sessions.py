@@ -1,0 +1,297 @@
+"""``ps``, ``stop`` and ``attach``: the kernels this package runs on remote hosts.
+
+Kernels live in the remote agent's daemon (one per user and interpreter on a host), so they
+can outlive their Jupyter server: kept with ``orphan_timeout: null``, or during a network
+outage. These commands ask each daemon the kernelspecs point at, over the same SSH chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import loop
+from .agent import AgentError, AgentLost, RemoteAgent
+from .errors import ConfigError, RemoteKernelError
+from .kernel import KernelSettings, RemoteKernel
+from .kernelspec import find_spec, list_remote_specs
+from .launcher import exit_code
+from .provisioner import settings_from_config
+from .ssh import Connection
+
+STOP_TIMEOUT = 20.0  # seconds for the remote stop (SIGTERM, then SIGKILL after 5 s)
+SHORT_ID = 8
+
+log = logging.getLogger("jupyter_remote_provisioner.attach")
+
+
+def register(subparsers: Any) -> None:
+    ps = subparsers.add_parser(
+        "ps",
+        help="list the kernels running on the hosts of remote kernelspecs",
+        description="List the kernels this package runs on the host of kernelspec NAME (or of "
+        "every remote kernelspec): id, kernelspec, age, busy/idle (from CPU use), clients "
+        "attached, and when an unattended kernel will be stopped (orphan_timeout).",
+    )
+    ps.add_argument("name", nargs="?", help="a kernelspec's slug or display name")
+    ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ps.set_defaults(run=run_ps)
+    stop = subparsers.add_parser(
+        "stop",
+        help="stop a remote kernel by id",
+        description="Stop a kernel listed by `ps` (SIGTERM, SIGKILL after 5 s) and remove "
+        "its files. ID may be a unique prefix.",
+    )
+    stop.add_argument("id", help="the kernel id, or a unique prefix of it")
+    stop.add_argument("--name", help="only look on the host of this kernelspec")
+    stop.set_defaults(run=run_stop)
+    attach = subparsers.add_parser(
+        "attach",
+        help="forward a running remote kernel and write a connection file for it",
+        description="Forward a kernel listed by `ps` to local ports, write its connection "
+        "file and stay in the foreground (reconnecting if the link drops), so any client can "
+        "connect: `jupyter console --existing FILE`. Ctrl-C detaches; the kernel runs on.",
+    )
+    attach.add_argument("id", help="the kernel id, or a unique prefix of it")
+    attach.add_argument("--name", help="only look on the host of this kernelspec")
+    attach.add_argument(
+        "-f",
+        "--connection-file",
+        dest="connection_file",
+        metavar="FILE",
+        help="where to write the connection file (default: kernel-ID.json in Jupyter's "
+        "runtime directory, which `--existing kernel-ID.json` finds)",
+    )
+    attach.set_defaults(run=run_attach)
+
+
+@dataclass
+class Host:
+    """One remote daemon: a target and interpreter, and the kernelspecs that use it."""
+
+    settings: KernelSettings
+    specs: list[str] = field(default_factory=list)
+    kernels: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.settings.target.host.label
+
+
+def hosts_of(name: str | None) -> list[Host]:
+    """The distinct (target, python) of kernelspec ``name``, or of every remote kernelspec."""
+    specs = [find_spec(name)] if name else list_remote_specs()
+    if not specs:
+        raise ConfigError("no remote kernelspecs are installed; add one with `remote_kernel add`")
+    hosts: dict[tuple[Any, str], Host] = {}
+    for spec in specs:
+        try:
+            settings = settings_from_config(spec.config)
+        except RemoteKernelError as exc:
+            print(f"skipping kernelspec {spec.slug}: {exc}", file=sys.stderr)
+            continue
+        host = hosts.setdefault((settings.target, settings.python), Host(settings))
+        host.specs.append(spec.slug)
+    return list(hosts.values())
+
+
+@contextlib.asynccontextmanager
+async def agent_session(
+    settings: KernelSettings, on_hop: Callable[[int, float], None] | None = None
+) -> AsyncIterator[RemoteAgent]:
+    """A private connection to the target with the agent running; closed on exit."""
+    connection = Connection(settings.target)
+    try:
+        await connection.open(settings.connect_timeout, settings.keepalive_interval, on_hop)
+        assert connection.ssh is not None
+        agent = await RemoteAgent.start(
+            connection.ssh, settings.python, settings.target.host.label,
+            settings.connect_timeout, 0,
+        )  # fmt: skip
+        connection.resources["agent"] = agent
+        yield agent
+    finally:
+        await connection.close()
+
+
+async def _list(host: Host) -> None:
+    """Fill ``host.kernels`` (or ``host.error``)."""
+    try:
+        async with agent_session(host.settings) as agent:
+            reply = await agent.request("list", reply_timeout=host.settings.connect_timeout)
+        host.kernels = list(reply.get("kernels", []))
+    except (RemoteKernelError, AgentError, AgentLost, asyncio.TimeoutError) as exc:
+        host.error = str(exc) or "no answer from the remote agent"
+
+
+async def _list_all(hosts: list[Host]) -> None:
+    await asyncio.gather(*(_list(host) for host in hosts))
+
+
+def _report_errors(hosts: list[Host]) -> bool:
+    for host in hosts:
+        if host.error:
+            print(f"{host.label}: {host.error}", file=sys.stderr)
+    return any(host.error for host in hosts)
+
+
+def run_ps(args: argparse.Namespace) -> int:
+    hosts = hosts_of(args.name)
+    asyncio.run(_list_all(hosts))
+    rows = [(host, k) for host in hosts for k in host.kernels]
+    if args.json:
+        listing = [dict(k, host=host.label, kernelspecs=host.specs) for host, k in rows]
+        print(json.dumps(listing, indent=2))
+    else:
+        _print_table(rows)
+    return 1 if _report_errors(hosts) else 0
+
+
+def _print_table(rows: list[tuple[Host, dict[str, Any]]]) -> None:
+    if not rows:
+        print("No remote kernels running.")
+        return
+    table = [("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED")]
+    now = time.time()
+    for host, k in rows:
+        busy = k.get("busy")
+        state = "?" if busy is None else "busy" if busy else "idle"
+        table.append((
+            str(k["kernel"])[:SHORT_ID], k.get("kernel_name") or "?", host.label,
+            _duration(now - float(k.get("started", now))), state, str(k.get("attached", 0)),
+            _fate(k),
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def _fate(kernel: dict[str, Any]) -> str:
+    """What happens to the kernel when no client holds it."""
+    timeout, orphaned = kernel.get("orphan_timeout"), kernel.get("orphaned_for")
+    if timeout is None:
+        return "kept"
+    if orphaned is None:
+        return f"stopped {_duration(float(timeout))} after"
+    return f"stopped in {_duration(max(0.0, float(timeout) - float(orphaned)))}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def find_kernel(prefix: str, name: str | None) -> tuple[Host, str]:
+    """The host running the one kernel whose id starts with ``prefix``, and its full id."""
+    hosts = hosts_of(name)
+    asyncio.run(_list_all(hosts))
+    matches = [(host, k["kernel"]) for host in hosts for k in host.kernels
+               if str(k["kernel"]).startswith(prefix)]  # fmt: skip
+    if len(matches) == 1:
+        return matches[0]
+    _report_errors(hosts)
+    where = ", ".join(host.label for host in hosts)
+    if not matches:
+        raise RemoteKernelError(
+            f"no kernel {prefix} is running on {where}; `remote_kernel ps` lists the kernels"
+        )
+    ids = ", ".join(kid for _, kid in matches)
+    raise RemoteKernelError(f"{prefix} matches several kernels ({ids}); give more of the id")
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    host, kernel_id = find_kernel(args.id, args.name)
+    reply = asyncio.run(_stop(host, kernel_id))
+    print(f"Stopped kernel {kernel_id} on {host.label} (exit status {reply.get('status')}).")
+    return 0
+
+
+async def _stop(host: Host, kernel_id: str) -> dict[str, Any]:
+    async with agent_session(host.settings) as agent:
+        try:
+            return await agent.request("stop", reply_timeout=STOP_TIMEOUT, kernel=kernel_id)
+        except AgentError as exc:
+            raise RemoteKernelError(f"cannot stop kernel {kernel_id}: {exc}") from None
+        except (AgentLost, asyncio.TimeoutError):
+            raise RemoteKernelError(
+                f"lost the connection to {host.label} while stopping kernel {kernel_id}; "
+                f"`remote_kernel ps` shows whether it still runs"
+            ) from None
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    host, kernel_id = find_kernel(args.id, args.name)
+    path = Path(args.connection_file or _runtime_file(kernel_id)).expanduser().absolute()
+    logging.basicConfig(level=logging.INFO, format="[remote-kernel] %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    kernel = RemoteKernel(kernel_id, host.settings, log)
+    return asyncio.run(_attach(kernel, path))
+
+
+def _runtime_file(kernel_id: str) -> str:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return os.path.join(jupyter_runtime_dir(), f"kernel-{kernel_id}.json")
+
+
+async def _attach(kernel: RemoteKernel, path: Path) -> int:
+    """Forward the kernel, write its connection file, wait for Ctrl-C or its end."""
+    here = asyncio.get_running_loop()
+    detach = asyncio.Event()
+    loop.acquire()
+    try:
+        info = await loop.call(kernel.attach())
+        _write_connection_file(path, info)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            here.add_signal_handler(signum, detach.set)
+        print(f"Attached to kernel {kernel.kernel_id} on {kernel.settings.target.describe()}.\n"
+              f"Connection file: {path}\n"
+              f"  jupyter console --existing {path}\n"
+              f"Ctrl-C detaches; the kernel keeps running.", flush=True)  # fmt: skip
+        ended = asyncio.ensure_future(loop.call(kernel.wait()))
+        detached = asyncio.ensure_future(detach.wait())
+        await asyncio.wait({ended, detached}, return_when=asyncio.FIRST_COMPLETED)
+        detached.cancel()
+        if ended.done():
+            print(f"The kernel ended (exit status {kernel.exit_status}).", flush=True)
+            return exit_code(kernel.exit_status)
+        ended.cancel()
+        print("Detached; the kernel keeps running.", flush=True)
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            here.remove_signal_handler(signum)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        try:
+            await loop.call(kernel.close(keep_kernel=True))
+        finally:
+            loop.release()
+
+
+def _write_connection_file(path: Path, info: dict[str, Any]) -> None:
+    """Write ``info`` to ``path`` with mode 0600 (it holds the session key)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f, indent=2)

@@ -1,0 +1,138 @@
+"""Connection loss: the remote kernel keeps running, the package reconnects through the same
+chain and the same local ports, and clients resume with the kernel's state intact.
+
+Faults are real: sshd sessions killed, the link to the bastion cut (network namespaces),
+the target's sshd restarted. The kernel runs under jupyter_client's restarter, as in
+jupyter_server, so a kernel wrongly reported dead would be restarted and lose its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from drivers import Driver
+from kernels import wait_for
+
+pytestmark = pytest.mark.timeout(180)
+
+FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
+SLOW_CELL = "import time; time.sleep(4); y = x + 1"
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``predicate`` on the running loop until true; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def until_running(kc: Any, msg_id: str) -> None:
+    """Wait (bounded) until the kernel announces on iopub that it runs request ``msg_id``."""
+    while True:
+        msg = await kc.get_iopub_msg(timeout=30)
+        if msg["msg_type"] == "execute_input" and msg["parent_header"].get("msg_id") == msg_id:
+            return
+
+
+def survives(
+    kernel_name: str, caplog: Any, fault: Callable[[], None], repair: Callable[[], None]
+) -> None:
+    """Run a cell that is still sleeping when ``fault()`` drops the connection; during the
+    outage the kernel is alive for jupyter_client; after ``repair()`` the package reconnects
+    and the same kernel (same pid, same local ports) has the state, the sleeping cell's too."""
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+    caplog.set_level(logging.INFO)
+
+    async def scenario() -> None:
+        km = AsyncIOLoopKernelManager(kernel_name=kernel_name)
+        restarts: list[str] = []
+        await km.start_kernel()
+        km.add_restart_callback(lambda: restarts.append("restart"), "restart")
+        km.add_restart_callback(lambda: restarts.append("dead"), "dead")
+        try:
+            kc = km.client()
+            kc.start_channels()
+            await kc.wait_for_ready(timeout=60)
+            ports, pid = km.get_connection_info(), km.provisioner._kernel.pid
+            await kc.execute_interactive("x = 41", timeout=30)
+            slow = kc.execute(SLOW_CELL)
+            await until_running(kc, slow)
+            fault()
+            await until(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
+            assert await km.is_alive(), "poll() reported the kernel dead during the outage"
+            repair()
+            await until(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+            # As a client re-syncs (JupyterLab sends kernel_info): shell and iopub are back.
+            await kc.wait_for_ready(timeout=30)
+            out: list[str] = []
+            reply = await kc.execute_interactive(
+                "print(x, y)",
+                timeout=30,
+                output_hook=lambda m: out.append(m["content"].get("text", "")),
+            )
+            assert reply["content"]["status"] == "ok", reply["content"]
+            assert "".join(out).strip() == "41 42"
+            assert restarts == [] and await km.is_alive()
+            assert km.get_connection_info() == ports
+            assert km.provisioner._kernel.pid == pid
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+    asyncio.run(scenario())
+
+
+def test_killed_ssh_sessions(remote_spec, ssh_env, no_leftovers, caplog):
+    """sshd's per-connection processes die (as in an sshd crash): reconnect at once."""
+    survives(remote_spec(**FAST), caplog, ssh_env.server.kill_all_sessions, lambda: None)
+
+
+def test_link_to_bastion_cut_and_restored(jump_spec, topology, no_leftovers, caplog):
+    """Packets to the bastion vanish for longer than the keepalive window, then flow again."""
+    topo = topology.topology
+    try:
+        survives(jump_spec(**FAST), caplog, topo.cut_link, topo.restore_link)
+    finally:
+        topo.restore_link()
+
+
+def test_target_sshd_restarted(jump_spec, topology, no_leftovers, caplog):
+    """The target's sshd goes down with every session and comes back on the same port."""
+    server = topology.target
+
+    def down() -> None:
+        server.stop()
+        server.kill_all_sessions()
+
+    try:
+        survives(jump_spec(**FAST), caplog, down, server.start)
+    finally:
+        if server.proc is None:
+            server.start()
+
+
+def test_gives_up_after_reconnect_timeout(jump_spec, topology, no_leftovers, caplog):
+    """Still unreachable after reconnect_timeout: reported dead, with a log line saying why;
+    the remote side drops the silent client and reaps the kernel after orphan_timeout."""
+    caplog.set_level(logging.INFO)
+    topo = topology.topology
+    driver = Driver("blocking", jump_spec(**FAST, reconnect_timeout=4, orphan_timeout=0))
+    try:
+        driver.start()
+        driver.client()
+        topo.cut_link()
+        wait_for(lambda: not driver.is_alive(), 30, "poll() to report the kernel dead")
+        assert "Gave up reconnecting to" in caplog.text
+        assert "reconnect_timeout" in caplog.text
+    finally:
+        topo.restore_link()
+        driver.close()
