@@ -1,0 +1,180 @@
+"""Recovery figures: how fast a remote kernel is usable again after the SSH link comes back,
+and how fast the remote side reaps a kernel whose local side was killed.
+
+    python3 bench/bench_recovery.py [--runs N] [--outage SECONDS] [--json PATH]
+
+The target is a throwaway loopback sshd (as in bench_kernels.py). The outage is sshd going
+down with every session (the client's connection drops at once) and coming back after
+``--outage`` seconds; the figure runs from sshd listening again to the first execute that
+returns the kernel's state. A local kernel's cold start, measured in the same run, is the
+yardstick: reconnecting keeps the state that a fresh start would lose. Only numbers are
+printed; every wait is bounded and everything started is removed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import LOCAL, REMOTE, Environment, machine_info
+from jupyter_client.manager import AsyncKernelManager
+
+KEEPALIVE = 1.0  # keepalive_interval of the bench spec
+ORPHAN_TIMEOUT = 2.0  # orphan_timeout of the bench spec
+STEP_TIMEOUT = 60.0
+
+SERVER = """
+import sys
+from jupyter_client import KernelManager
+km = KernelManager(kernel_name=sys.argv[1])
+km.start_kernel()
+print(km.provisioner._kernel.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+async def bounded(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def local_cold_start() -> float:
+    km = AsyncKernelManager(kernel_name=LOCAL)
+    started = time.perf_counter()
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+        return time.perf_counter() - started
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def reconnect_once(env: Environment, outage: float) -> float:
+    """Seconds from sshd listening again to the first execute that sees the old state."""
+    server = env.server
+    assert server is not None
+    km = AsyncKernelManager(kernel_name=REMOTE)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+        await kc.execute_interactive("x = 42", timeout=STEP_TIMEOUT)
+        kernel = km.provisioner._kernel
+        server.stop()
+        server.kill_all_sessions()
+        await bounded(lambda: kernel._recovery is not None, STEP_TIMEOUT, "the loss")
+        await asyncio.sleep(outage)  # the outage itself, not a synchronisation
+        server.start()
+        restored = time.perf_counter()
+        await bounded(lambda: kernel._recovery is None, STEP_TIMEOUT, "the reconnect")
+        await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+        out: list[str] = []
+        await kc.execute_interactive(
+            "print(x)",
+            timeout=STEP_TIMEOUT,
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+        )
+        elapsed = time.perf_counter() - restored
+        if "".join(out).strip() != "42":
+            raise RuntimeError(f"state lost across the reconnect: {out}")
+        return elapsed
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+def reap_once() -> float:
+    """Seconds from SIGKILL of the local side to the remote kernel process being gone."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, REMOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        pid = int(server.stdout.readline())  # type: ignore[union-attr]
+    finally:
+        server.kill()
+        server.wait(10)
+    killed = time.perf_counter()
+    deadline = killed + STEP_TIMEOUT
+    while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+        if time.perf_counter() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise TimeoutError(f"remote kernel {pid} was not reaped")
+        time.sleep(0.01)
+    return time.perf_counter() - killed
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def configure(env: Environment, **keys: Any) -> None:
+    """Set provisioner config keys of the bench's remote spec."""
+    path = env.root / "data" / "kernels" / REMOTE / "kernel.json"
+    spec = json.loads(path.read_text())
+    spec["metadata"]["kernel_provisioner"]["config"].update(keys)
+    path.write_text(json.dumps(spec, indent=1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--outage", type=float, default=3.0, help="seconds sshd stays down")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    env = Environment()
+    try:
+        env.setup()
+        configure(env, keepalive_interval=KEEPALIVE)
+        cold = statistics.median(asyncio.run(local_cold_start()) for _ in range(args.runs))
+        back = [asyncio.run(reconnect_once(env, args.outage)) for _ in range(args.runs)]
+        configure(env, orphan_timeout=ORPHAN_TIMEOUT)
+        reaped = [reap_once() for _ in range(args.runs)]
+    finally:
+        env.close([])
+    figures = {
+        "local_cold_start_s": cold,
+        "restored_to_first_execute_s": statistics.median(back),
+        "restored_to_first_execute_runs": back,
+        "ratio_to_local_cold_start": statistics.median(back) / cold,
+        "killed_to_reaped_s": statistics.median(reaped),
+        "killed_to_reaped_runs": reaped,
+        "reaping_latency_beyond_orphan_timeout_s": statistics.median(reaped) - ORPHAN_TIMEOUT,
+    }
+    info = machine_info()
+    print(f"# recovery, {info['date']}, {info['cpu']} x{info['nproc']}")
+    print(f"outage {args.outage:g} s, keepalive_interval {KEEPALIVE:g} s, "
+          f"orphan_timeout {ORPHAN_TIMEOUT:g} s, {args.runs} runs (medians)")  # fmt: skip
+    print(f"local kernel cold start           {cold:7.3f} s")
+    print(f"sshd back -> first execute        {figures['restored_to_first_execute_s']:7.3f} s"
+          f"   ({figures['ratio_to_local_cold_start']:.2f} x local cold start, state kept)")  # fmt: skip
+    print(f"local side killed -> reaped       {figures['killed_to_reaped_s']:7.3f} s"
+          f"   (orphan_timeout + {figures['reaping_latency_beyond_orphan_timeout_s']:.3f} s)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, **figures}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
