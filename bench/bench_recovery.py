@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import LOCAL, REMOTE, Environment, machine_info
 from jupyter_client.manager import AsyncKernelManager
 
+from jupyter_remote_provisioner.demohost import pid_alive
+
 KEEPALIVE = 1.0  # keepalive_interval of the bench spec
 ORPHAN_TIMEOUT = 2.0  # orphan_timeout of the bench spec
 STEP_TIMEOUT = 60.0
@@ -114,19 +116,12 @@ def reap_once() -> float:
         server.wait(10)
     killed = time.perf_counter()
     deadline = killed + STEP_TIMEOUT
-    while Path(f"/proc/{pid}").exists() and _state(pid) != "Z":
+    while pid_alive(pid):
         if time.perf_counter() > deadline:
             os.kill(pid, signal.SIGKILL)
             raise TimeoutError(f"remote kernel {pid} was not reaped")
         time.sleep(0.01)
     return time.perf_counter() - killed
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
 
 
 def configure(env: Environment, **keys: Any) -> None:

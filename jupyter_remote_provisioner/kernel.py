@@ -110,11 +110,15 @@ class RemoteKernel:
             self.pid,
             time.monotonic() - started,
         )
+        return self._connection_info(session)
+
+    def _connection_info(self, session: Mapping[str, Any]) -> dict[str, Any]:
+        """jupyter_client connection info: the local listeners plus the session settings."""
         return {
             "transport": "tcp",
             "ip": "127.0.0.1",
             **self.tunnel.connection_info(),
-            "key": session["key"],
+            "key": session.get("key", ""),
             "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
             "kernel_name": session.get("kernel_name", ""),
         }
@@ -267,15 +271,7 @@ class RemoteKernel:
             await self.close(keep_kernel=True)
             raise
         self.pid, self.exit_status, self._running = reply.get("pid"), None, True
-        connection = reply.get("connection") or {}
-        return {
-            "transport": "tcp",
-            "ip": "127.0.0.1",
-            **self.tunnel.connection_info(),
-            "key": connection.get("key", ""),
-            "signature_scheme": connection.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": connection.get("kernel_name", ""),
-        }
+        return self._connection_info(reply.get("connection") or {})
 
     async def _reattach(self) -> dict[str, Any]:
         """One attempt: a live connection and agent, ownership of the kernel, the forwards."""

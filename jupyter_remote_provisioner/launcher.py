@@ -107,10 +107,15 @@ def run(args: argparse.Namespace) -> int:
     config, spec_env = read_spec_config(args.kernelspec)
     connection = read_connection_file(args.connection_file)
     settings = settings_from_config(config)
-    logging.basicConfig(level=logging.INFO, format="[remote-kernel] %(message)s", stream=sys.stderr)
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    log_to_stderr()
     kernel = RemoteKernel(str(uuid.uuid4()), settings, log)
     return asyncio.run(_serve(kernel, connection, remote_env(spec_env, os.environ)))
+
+
+def log_to_stderr() -> None:
+    """Foreground commands log our INFO lines (not asyncssh's) to stderr."""
+    logging.basicConfig(level=logging.INFO, format="[remote-kernel] %(message)s", stream=sys.stderr)
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, str]) -> int:

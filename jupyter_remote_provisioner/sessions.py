@@ -26,7 +26,7 @@ from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
 from .kernelspec import find_spec, list_remote_specs
-from .launcher import exit_code
+from .launcher import exit_code, log_to_stderr
 from .provisioner import settings_from_config
 from .ssh import Connection
 
@@ -240,8 +240,7 @@ async def _stop(host: Host, kernel_id: str) -> dict[str, Any]:
 def run_attach(args: argparse.Namespace) -> int:
     host, kernel_id = find_kernel(args.id, args.name)
     path = Path(args.connection_file or _runtime_file(kernel_id)).expanduser().absolute()
-    logging.basicConfig(level=logging.INFO, format="[remote-kernel] %(message)s", stream=sys.stderr)
-    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    log_to_stderr()
     kernel = RemoteKernel(kernel_id, host.settings, log)
     return asyncio.run(_attach(kernel, path))
 

@@ -27,6 +27,9 @@ from jupyter_client import BlockingKernelClient
 
 from jupyter_remote_provisioner.agent import agent_source
 
+from kernels import wait_for
+from sshd import pid_alive
+
 AGENT_SOURCE = agent_source()
 BOOTSTRAP = (
     "import sys;n=int(sys.stdin.buffer.readline());s=sys.stdin.buffer.read(n);"
@@ -44,31 +47,10 @@ CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 TIMEOUT = 30.0
 
 
-def deadline_wait(predicate, timeout, what):
-    """Poll predicate until true or the deadline passes (then fail with `what`)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_bootstrap_matches_the_local_side():
     from jupyter_remote_provisioner.agent import remote_command
 
     assert remote_command(sys.executable) == bootstrap_command(sys.executable)
-
-
-def process_gone(pid):
-    """True if pid no longer exists or is a zombie nobody has reaped yet."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def processes_with_tmpdir(tmpdir):
@@ -78,7 +60,7 @@ def processes_with_tmpdir(tmpdir):
     for pid in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            if mark in environ and not process_gone(int(pid)):
+            if mark in environ and pid_alive(int(pid)):
                 found.append(int(pid))
     return found
 
@@ -450,7 +432,7 @@ def test_start_timeout_kills_kernel(agent):
     assert kernel_dirs(agent, kid) == []
     if reply["log_tail"].startswith("pid "):
         pid = int(reply["log_tail"].split()[1])
-        deadline_wait(lambda: process_gone(pid), 10, "timed-out kernel to die")
+        wait_for(lambda: not pid_alive(pid), 10, "timed-out kernel to die")
 
 
 def test_missing_cwd(agent):
@@ -492,11 +474,11 @@ def test_sigterm_kills_kernel_and_children(agent):
         content, out = run(kc, code)
         assert content["status"] == "ok"
     child = int(out.strip())
-    assert not process_gone(child)
+    assert pid_alive(child)
     assert agent.request("signal", kernel=kid, signum=int(signal.SIGTERM))["ok"]
     event = agent.wait_event(lambda e: e["event"] == "exited", timeout=10)
     assert event["kernel"] == kid and event["status"] != 0
-    deadline_wait(lambda: process_gone(child), 10, "kernel's child to die")
+    wait_for(lambda: not pid_alive(child), 10, "kernel's child to die")
     assert not os.path.exists(reply["dir"])
 
 
@@ -519,9 +501,9 @@ def test_eof_stops_everything(agent):
     assert agent.close(timeout=15) == 0
     assert time.monotonic() - t0 < 10
     for reply in launched:
-        deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
+        wait_for(lambda r=reply: not pid_alive(r["pid"]), 5, "kernel to die")
         assert not os.path.exists(reply["dir"])
-    deadline_wait(lambda: daemon_gone(agent), 10, "the daemon to exit")
+    wait_for(lambda: daemon_gone(agent), 10, "the daemon to exit")
 
 
 def test_sigterm_to_agent_stops_everything(agent):
@@ -529,9 +511,9 @@ def test_sigterm_to_agent_stops_everything(agent):
     os.kill(agent.proc.pid, signal.SIGTERM)
     assert agent.proc.wait(15) == 0
     for reply in launched:
-        deadline_wait(lambda r=reply: process_gone(r["pid"]), 5, "kernel to die")
+        wait_for(lambda r=reply: not pid_alive(r["pid"]), 5, "kernel to die")
         assert not os.path.exists(reply["dir"])
-    deadline_wait(lambda: daemon_gone(agent), 10, "the daemon to exit")
+    wait_for(lambda: daemon_gone(agent), 10, "the daemon to exit")
 
 
 # -- the daemon: kernels that outlive the channel -------------------------------------------
@@ -539,7 +521,7 @@ def test_sigterm_to_agent_stops_everything(agent):
 
 def daemon_gone(agent):
     """The agent's daemon has exited and removed its socket."""
-    return process_gone(agent.hello["daemon_pid"]) and not os.path.exists(agent.socket_path())
+    return not pid_alive(agent.hello["daemon_pid"]) and not os.path.exists(agent.socket_path())
 
 
 def is_exited(event):
@@ -553,7 +535,7 @@ def test_daemon_outlives_the_relay(make_agent):
     with kernel_client(reply, key, "ipc") as kc:
         assert run(kc, "x = 6*7")[0]["status"] == "ok"
     assert a.close() == 0
-    assert not process_gone(reply["pid"]) and not process_gone(a.hello["daemon_pid"])
+    assert pid_alive(reply["pid"]) and pid_alive(a.hello["daemon_pid"])
 
     b = make_agent()
     assert b.hello["daemon_pid"] == a.hello["daemon_pid"]
@@ -577,14 +559,14 @@ def test_daemon_outlives_the_relay(make_agent):
     assert stop["ok"] and stop["status"] == -signal.SIGTERM, stop
     event = b.wait_event(is_exited, timeout=1)  # sent before the stop reply
     assert event["kernel"] == kid and event["status"] == stop["status"]
-    assert process_gone(reply["pid"]) and not os.path.exists(reply["dir"])
+    assert not pid_alive(reply["pid"]) and not os.path.exists(reply["dir"])
     assert b.request("list")["kernels"] == []
     gone = b.request("attach", kernel=kid)
     assert not gone["ok"] and gone["error"] == f"no kernel {kid} on this host"
     assert gone["exited"] == stop["status"]
-    assert not process_gone(b.hello["daemon_pid"])  # b is still connected
+    assert pid_alive(b.hello["daemon_pid"])  # b is still connected
     assert b.close() == 0
-    deadline_wait(lambda: daemon_gone(b), 10, "the daemon to exit")
+    wait_for(lambda: daemon_gone(b), 10, "the daemon to exit")
     assert os.listdir(b.hello["base"] + "-agent") == []  # no socket, lock or log left
 
 
@@ -594,11 +576,11 @@ def test_orphan_timeout_stops_the_kernel_later(make_agent):
     assert reply["ok"], reply
     assert a.close() == 0
     closed = time.monotonic()
-    assert not process_gone(reply["pid"])
-    deadline_wait(lambda: process_gone(reply["pid"]), 10, "the orphaned kernel to be stopped")
+    assert pid_alive(reply["pid"])
+    wait_for(lambda: not pid_alive(reply["pid"]), 10, "the orphaned kernel to be stopped")
     assert time.monotonic() - closed > 1.0  # it was kept for (about) its orphan_timeout
-    deadline_wait(lambda: not os.path.exists(reply["dir"]), 5, "its dir to be removed")
-    deadline_wait(lambda: daemon_gone(a), 10, "the daemon to exit")
+    wait_for(lambda: not os.path.exists(reply["dir"]), 5, "its dir to be removed")
+    wait_for(lambda: daemon_gone(a), 10, "the daemon to exit")
 
 
 def test_closing_the_relay_stops_kernels_by_default(make_agent):
@@ -607,9 +589,9 @@ def test_closing_the_relay_stops_kernels_by_default(make_agent):
     assert reply["ok"], reply
     t0 = time.monotonic()
     assert a.close() == 0
-    deadline_wait(lambda: process_gone(reply["pid"]), 5, "the kernel to die")
+    wait_for(lambda: not pid_alive(reply["pid"]), 5, "the kernel to die")
     assert time.monotonic() - t0 < 5 and not os.path.exists(reply["dir"])
-    deadline_wait(lambda: daemon_gone(a), 10, "the daemon to exit")
+    wait_for(lambda: daemon_gone(a), 10, "the daemon to exit")
 
 
 def test_simultaneous_relays_start_one_daemon(make_agent):
@@ -629,7 +611,7 @@ def test_simultaneous_relays_start_one_daemon(make_agent):
     assert all(a.request("ping")["ok"] for a in agents)
     for a in agents:
         assert a.close() == 0
-    deadline_wait(lambda: daemon_gone(agents[0]), 10, "the daemon to exit")
+    wait_for(lambda: daemon_gone(agents[0]), 10, "the daemon to exit")
 
 
 def test_exited_event_goes_to_every_client_holding_the_kernel(make_agent):
@@ -648,7 +630,7 @@ def test_exited_event_goes_to_every_client_holding_the_kernel(make_agent):
     c = make_agent()
     assert b.close() == 0
     [k] = c.request("list")["kernels"]
-    assert k["attached"] == 1 and k["orphaned_for"] is None and not process_gone(rb["pid"])
+    assert k["attached"] == 1 and k["orphaned_for"] is None and pid_alive(rb["pid"])
     assert c.request("attach", kernel=kb)["ok"]
     os.killpg(rb["pgid"], signal.SIGKILL)
     assert a.wait_event(is_exited, timeout=10)["kernel"] == kb
@@ -662,7 +644,7 @@ def test_silent_client_is_dropped_and_its_kernels_orphaned(make_agent):
     assert reply["ok"], reply
     assert a.request("keepalive", within=1)["ok"]
     assert not a.request("keepalive", within=0)["ok"]
-    deadline_wait(lambda: process_gone(reply["pid"]), 10, "the silent client's kernel to stop")
+    wait_for(lambda: not pid_alive(reply["pid"]), 10, "the silent client's kernel to stop")
     assert a.proc.wait(10) == 0  # the relay ends when the daemon drops its client
 
 
@@ -671,5 +653,5 @@ def test_sigterm_to_daemon_stops_everything(agent):
     os.kill(agent.hello["daemon_pid"], signal.SIGTERM)
     assert agent.proc.wait(15) == 0  # the relay ends with its daemon
     for reply in launched:
-        assert process_gone(reply["pid"]) and not os.path.exists(reply["dir"])
-    deadline_wait(lambda: daemon_gone(agent), 5, "the daemon to exit")
+        assert not pid_alive(reply["pid"]) and not os.path.exists(reply["dir"])
+    wait_for(lambda: daemon_gone(agent), 5, "the daemon to exit")
