@@ -25,9 +25,11 @@ from .errors import LaunchError
 
 log = logging.getLogger(__name__)
 
+# Reads the bundle (a length line, then the bytes) and runs it in one of its modes.
 BOOTSTRAP = (
     "import sys;n=int(sys.stdin.buffer.readline());s=sys.stdin.buffer.read(n);"
-    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s})'
+    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s,'
+    '"AGENT_MODE":"%s"})'
 )
 EXIT_COMMAND_NOT_FOUND = 127
 STDERR_TAIL = 2000
@@ -40,7 +42,8 @@ ExitCallback = Callable[[int | None, str], None]
 
 
 # The bundle: the remote/ modules, an importer serving them as package ``jrp_agent``, and
-# the call of its entry point (the relay, or with AGENT_DAEMON set by the relay, the daemon).
+# the call of its entry point in the mode the bootstrap set: relay, daemon (started by the
+# relay) or sync.
 BUNDLE = """import importlib.abc, importlib.util, sys
 SOURCES = %r
 class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -57,7 +60,7 @@ class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(code, module.__dict__)
 sys.meta_path.insert(0, Finder())
 import jrp_agent
-jrp_agent.run(AGENT_SOURCE, globals().get("AGENT_DAEMON", False))
+jrp_agent.run(AGENT_SOURCE, globals().get("AGENT_MODE", "relay"))
 """
 
 
@@ -73,13 +76,29 @@ def agent_source() -> bytes:
     return (BUNDLE % (sources,)).encode("ascii")
 
 
-def remote_command(python: str) -> str:
-    """The exec command starting ``python`` on the agent bootstrap (``~/`` expanded remotely)."""
+def remote_command(python: str, mode: str = "relay") -> str:
+    """The exec command running the bundle's ``mode`` on ``python`` (``~/`` expanded remotely)."""
     if python.startswith("~/"):
         interpreter = '"$HOME"/' + shlex.quote(python[2:])
     else:
         interpreter = shlex.quote(python)
-    return f"exec {interpreter} -c {shlex.quote(BOOTSTRAP)}"
+    return f"exec {interpreter} -c {shlex.quote(BOOTSTRAP % mode)}"
+
+
+def start_failure(
+    python: str, host_label: str, exit_status: int | None, stderr: str
+) -> LaunchError:
+    """Why the remote interpreter ended before the bundle said hello, as a one-line error."""
+    tail = " | ".join(stderr.strip().splitlines()[-3:])
+    if exit_status == EXIT_COMMAND_NOT_FOUND:
+        return LaunchError(
+            f"remote python {python!r} was not found on {host_label}; set `python` in the "
+            f"kernelspec to the full path of an interpreter that exists there"
+        )
+    return LaunchError(
+        f"remote python {python} on {host_label} failed to start "
+        f"(exit status {exit_status}): {tail or 'no error output'}"
+    )
 
 
 class AgentError(Exception):
@@ -171,16 +190,7 @@ class RemoteAgent:
             await asyncio.sleep(interval)
 
     def _start_failure(self) -> LaunchError:
-        tail = " | ".join(self.stderr.strip().splitlines()[-3:])
-        if self.exit_status == EXIT_COMMAND_NOT_FOUND:
-            return LaunchError(
-                f"remote python {self.python!r} was not found on {self.host_label}; set `python` "
-                f"in the kernelspec to the full path of an interpreter that exists there"
-            )
-        return LaunchError(
-            f"remote python {self.python} on {self.host_label} failed to start "
-            f"(exit status {self.exit_status}): {tail or 'no error output'}"
-        )
+        return start_failure(self.python, self.host_label, self.exit_status, self.stderr)
 
     async def request(
         self, op: str, reply_timeout: float | None = None, **fields: Any

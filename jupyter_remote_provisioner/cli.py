@@ -26,13 +26,13 @@ def program_name(argv0: str | None = None) -> str:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    from . import check, commands, demo, launcher, sessions
+    from . import check, commands, demo, launcher, sessions, sync_command
 
     parser = argparse.ArgumentParser(
         prog=prog or program_name(),
         description="Remote Jupyter kernels over SSH: add, list, show, check and delete "
-        "kernelspecs; list, stop and attach to running remote kernels; launch a kernel (for "
-        "clients that ignore provisioners); run a demo.",
+        "kernelspecs; list, stop and attach to running remote kernels; copy files to and from "
+        "their hosts; launch a kernel (for clients that ignore provisioners); run a demo.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -40,6 +40,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     check.register(subparsers)
     launcher.register(subparsers)
     sessions.register(subparsers)
+    sync_command.register(subparsers)
     demo.register(subparsers)
     return parser
 

@@ -65,6 +65,7 @@ def sshd_config_lines(
         "KbdInteractiveAuthentication no", "PubkeyAuthentication yes",
         "PermitRootLogin prohibit-password", "AllowTcpForwarding yes",
         "AllowStreamLocalForwarding yes", "MaxSessions 10", "LogLevel VERBOSE",
+        "Subsystem sftp internal-sftp",  # for scp and sftp (bench/bench_sync.py compares)
         "SetEnv " + " ".join(f"{k}={v}" for k, v in session_env.items()),
     ]  # fmt: skip
 

@@ -28,7 +28,7 @@ from .kernel import KernelSettings, RemoteKernel
 from .kernelspec import find_spec, list_remote_specs
 from .launcher import exit_code, log_to_stderr
 from .provisioner import settings_from_config
-from .ssh import Connection
+from .ssh import private_connection
 
 STOP_TIMEOUT = 20.0  # seconds for the remote stop (SIGTERM, then SIGKILL after 5 s)
 SHORT_ID = 8
@@ -112,18 +112,12 @@ async def agent_session(
     settings: KernelSettings, on_hop: Callable[[int, float], None] | None = None
 ) -> AsyncIterator[RemoteAgent]:
     """A private connection to the target with the agent running; closed on exit."""
-    connection = Connection(settings.target)
-    try:
-        await connection.open(settings.connect_timeout, settings.keepalive_interval, on_hop)
-        assert connection.ssh is not None
-        agent = await RemoteAgent.start(
-            connection.ssh, settings.python, settings.target.host.label,
-            settings.connect_timeout, 0,
-        )  # fmt: skip
-        connection.resources["agent"] = agent
+    target, timeout = settings.target, settings.connect_timeout
+    async with private_connection(target, timeout, settings.keepalive_interval, on_hop) as conn:
+        assert conn.ssh is not None
+        agent = await RemoteAgent.start(conn.ssh, settings.python, target.host.label, timeout, 0)
+        conn.resources["agent"] = agent
         yield agent
-    finally:
-        await connection.close()
 
 
 async def _list(host: Host) -> None:

@@ -9,12 +9,13 @@ of this process; it closes the connection when the last kernel lets go.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,22 @@ class ConnectionPool:
 
 
 POOL = ConnectionPool()
+
+
+@contextlib.asynccontextmanager
+async def private_connection(
+    target: Target,
+    connect_timeout: float,
+    keepalive_interval: float,
+    on_hop: Callable[[int, float], None] | None = None,
+) -> AsyncIterator[Connection]:
+    """A connection of its own (not pooled), for one command; closed on exit."""
+    connection = Connection(target)
+    try:
+        await connection.open(connect_timeout, keepalive_interval, on_hop)
+        yield connection
+    finally:
+        await connection.close()
 
 
 async def _connect_hop(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,19 @@ PROVISIONER = "remote-ssh-provisioner"
 def remote_base(remote_tmp: Path) -> Path:
     """Where the remote agent puts kernel dirs for sessions whose TMPDIR is ``remote_tmp``."""
     return remote_tmp / f"jupyter-remote-{os.getuid()}"
+
+
+def rk(
+    *args: str, check: bool = True, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command line (``remote_kernel ARGS``) as a user would; bounded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jupyter_remote_provisioner", *args],
+        capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd,
+    )  # fmt: skip
+    if check:
+        assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
+    return proc
 
 
 def wait_for(

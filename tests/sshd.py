@@ -151,7 +151,6 @@ class SshServer:
                 self.pid_file,
                 self.session_env,
             ),
-            "Subsystem sftp internal-sftp",
             *extra,
         ]
         self.config.write_text("\n".join(lines) + "\n")

@@ -33,7 +33,8 @@ from sshd import pid_alive
 AGENT_SOURCE = agent_source()
 BOOTSTRAP = (
     "import sys;n=int(sys.stdin.buffer.readline());s=sys.stdin.buffer.read(n);"
-    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s})'
+    'exec(compile(s,"jrp-agent","exec"),{"__name__":"__main__","AGENT_SOURCE":s,'
+    '"AGENT_MODE":"relay"})'
 )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from kernels import remote_kernel_dirs, remote_processes, run_cell, wait_for
+from kernels import remote_kernel_dirs, remote_processes, rk, run_cell, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,17 +32,6 @@ kc.execute_interactive("x = 'set before the crash'", timeout=30)
 print(km.kernel_id, flush=True)
 sys.stdin.read()
 """
-
-
-def rk(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the command line as a user would; bounded."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "jupyter_remote_provisioner", *args],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
-    return proc
 
 
 def crashed_server(kernel_name: str) -> str:

@@ -16,13 +16,18 @@ exits when it has neither kernels nor clients. The protocol is JSON lines: reque
 """
 
 
-def run(bundle, daemon):
-    """Entry point: the daemon when ``daemon`` is true, else the relay (which may start a
-    daemon, feeding it ``bundle``: the bytes this program arrived as)."""
-    if daemon:
+def run(bundle, mode):
+    """Entry point by ``mode``: "daemon", "sync" (the file-transfer helper, sync.py), else
+    the relay (which may start a daemon, feeding it ``bundle``: the bytes this program
+    arrived as)."""
+    if mode == "daemon":
         from .daemon import daemon_main
 
         daemon_main()
+    elif mode == "sync":
+        from .sync import sync_main
+
+        sync_main()
     else:
         from .relay import relay_main
 

@@ -23,7 +23,7 @@ from .common import (
 RELAY_DRAIN = 15.0  # seconds the relay waits for the daemon after the channel closed
 DAEMON_BOOTSTRAP = (
     'import sys;s=sys.stdin.buffer.read();exec(compile(s,"jrp-agent","exec"),'
-    '{"__name__":"__main__","AGENT_SOURCE":s,"AGENT_DAEMON":True})'
+    '{"__name__":"__main__","AGENT_SOURCE":s,"AGENT_MODE":"daemon"})'
 )
 OUT_LOCK = threading.RLock()  # the relay's stdout: one line at a time
 
