@@ -30,6 +30,7 @@ from .kernelspec import (
 )
 from .provisioner import settings_from_config
 from .target import Hop, Target, config_paths
+from .workdir import placement
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PLAIN = re.compile(r"^[\w@%+=:,./{}~-]+$")  # shown unquoted in a command line
@@ -95,6 +96,22 @@ def register(subparsers: Any) -> None:
         help="environment variable for the remote kernel; repeat for more",
     )
     add.add_argument("--cwd", metavar="DIR", help="remote working directory (default: home)")
+    add.add_argument(
+        "--path-map",
+        action="append",
+        default=[],
+        metavar="LOCAL=REMOTE",
+        help="run notebooks under local directory LOCAL in the matching directory under "
+        "REMOTE (e.g. ~/work/proj=~/projects/proj); repeat for more",
+    )
+    add.add_argument(
+        "--upload",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="file or directory (relative to the notebook's directory) copied to the kernel's "
+        "working directory before each start; repeat for more",
+    )
     add.add_argument("--language", default="python", help="kernel language (default: python)")
     add.add_argument("--identity-file", metavar="FILE", help="private key for every hop")
     add.add_argument(
@@ -166,6 +183,10 @@ def run_add(args: argparse.Namespace) -> int:
         extra["identity_file"] = _local_path(args.identity_file, "--identity-file")
     if args.known_hosts:
         extra["known_hosts"] = _local_path(args.known_hosts, None)
+    if args.path_map:
+        extra["path_map"] = _parse_pairs(args.path_map, "--path-map", "LOCAL=REMOTE")
+    if args.upload:
+        extra["upload"] = list(args.upload)
     if args.ssh_config:
         extra["ssh_config"] = _local_path(args.ssh_config, None)
         config_paths(extra["ssh_config"])  # fails now if the file is missing
@@ -226,6 +247,17 @@ def _parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _parse_pairs(items: list[str], option: str, form: str) -> dict[str, str]:
+    """``--path-map LOCAL=REMOTE`` values: LOCAL made absolute (``~`` kept)."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        local, sep, remote = item.partition("=")
+        if not sep or not local.strip() or not remote.strip():
+            raise ConfigError(f"invalid {option} {item!r}: expected {form}")
+        pairs[_local_path(local.strip(), None)] = remote.strip()
+    return pairs
+
+
 def _local_path(path: str, option: str | None) -> str:
     """An absolute path (``~`` kept, so the spec stays portable); ``option``: must exist."""
     if not path.startswith("~"):
@@ -267,12 +299,17 @@ def run_show(args: argparse.Namespace) -> int:
     spec = find_spec(args.name)
     kernel_json = _read_kernel_json(spec)
     cwd = spec.config.get("cwd") or "~ (remote home)"
+    path_map, uploads = spec.config.get("path_map") or {}, spec.config.get("upload") or []
+    here = placement(os.getcwd(), path_map, spec.config.get("cwd")).cwd or "~ (remote home)"
     if args.json:
         target = _resolve(spec)
         info = {
             **spec.to_json(),
             "kernel_json": kernel_json,
             "cwd": cwd,
+            "path_map": path_map,
+            "cwd_here": here,
+            "upload": uploads,
             "target": _target_json(target),
         }
         print(json.dumps(info, indent=2))
@@ -300,6 +337,12 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"  ssh command: {target.ssh_command()}")
     print(f"remote kernel: {_remote_command(spec.config)}")
     print(f"remote cwd: {cwd}")
+    for local, remote in path_map.items():
+        print(f"  for notebooks under {local}: the same place under {remote}")
+    if path_map:
+        print(f"  for a notebook in {os.getcwd()}: {here}")
+    if uploads:
+        print(f"uploaded before each start: {', '.join(uploads)} (from the notebook's directory)")
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Mapping
@@ -23,7 +24,9 @@ from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import LaunchError, RemoteKernelError
 from .ssh import POOL, Connection
 from .target import Target
+from .transfer import SyncChannel, SyncError, push
 from .tunnel import KernelTunnel
+from .workdir import Placement, placement, upload_targets
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class KernelSettings:
     kernel_argv: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    path_map: Mapping[str, str] = field(default_factory=dict)
+    upload: tuple[str, ...] = ()
     transport: str = "ipc"
     connect_timeout: float = 15.0
     launch_timeout: float = 60.0
@@ -83,17 +88,24 @@ class RemoteKernel:
         session: Mapping[str, Any],
         env: Mapping[str, str],
         ports: Mapping[str, int] | None = None,
+        local_dir: str | None = None,
     ) -> dict[str, Any]:
-        """Launch the kernel and return jupyter_client connection info with local ports.
+        """Upload, launch the kernel and return jupyter_client connection info with local ports.
 
-        ``session`` holds ``key`` (bytes), ``signature_scheme`` and ``kernel_name``. On a
-        restart the connection and the local ports are reused.
+        ``session`` holds ``key`` (bytes), ``signature_scheme`` and ``kernel_name``.
+        ``local_dir`` is the notebook's directory (default: ours), which ``path_map`` and
+        ``upload`` are taken from. On a restart the connection and the local ports are reused.
         """
         started = time.monotonic()
+        settings = self.settings
+        local_dir = local_dir or os.getcwd()
+        where = placement(local_dir, settings.path_map, settings.cwd)
         try:
             await self._connect()
+            if settings.upload:
+                await self._upload(local_dir, where.cwd)
             await self.tunnel.open(ports)
-            reply = await self._launch(session, env)
+            reply = await self._launch(session, env, where)
         except BaseException:
             await self.close()
             raise
@@ -142,7 +154,35 @@ class RemoteKernel:
                 f"to an interpreter that has it"
             )
 
-    async def _launch(self, session: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    async def _upload(self, local_dir: str, cwd: str | None) -> None:
+        """Copy the ``upload`` entries to the remote side (only what changed)."""
+        settings, started = self.settings, time.monotonic()
+        assert self._conn is not None and self._conn.ssh is not None
+        targets = upload_targets(settings.upload, local_dir, settings.path_map, cwd)
+        channel = await SyncChannel.open(self._conn.ssh, settings.python, settings.target.host)
+        copied = sent = unchanged = 0
+        try:
+            for (local, remote), entry in zip(targets, settings.upload):
+                try:
+                    result = await push(channel, local, remote)
+                except SyncError as exc:
+                    raise LaunchError(f"upload of {entry!r} failed: {exc}") from None
+                copied, sent = copied + len(result.copied), sent + result.bytes
+                unchanged += result.unchanged
+        finally:
+            await channel.close()
+        self.log.info(
+            "Uploaded %d file(s) (%d bytes) to %s in %.2f s; %d unchanged",
+            copied,
+            sent,
+            settings.target.host.alias,
+            time.monotonic() - started,
+            unchanged,
+        )
+
+    async def _launch(
+        self, session: Mapping[str, Any], env: Mapping[str, str], where: Placement
+    ) -> dict[str, Any]:
         assert self._agent is not None
         settings = self.settings
         key = session["key"]
@@ -154,7 +194,8 @@ class RemoteKernel:
                 kernel=self.kernel_id,
                 argv=settings.argv(),
                 env={**env, **settings.env},
-                cwd=settings.cwd,
+                cwd=where.cwd,
+                create_cwd=where.mapped,
                 transport=settings.transport,
                 timeout=settings.launch_timeout,
                 orphan_timeout=settings.orphan_timeout,

@@ -60,6 +60,18 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     cwd = Unicode(
         None, allow_none=True, config=True, help="Remote working directory (default: home)."
     )
+    path_map = Dict(
+        value_trait=Unicode(),
+        config=True,
+        help="Local directory -> remote directory: a notebook under a local one runs in the "
+        'matching remote one (created if missing), e.g. {"~/work/proj": "~/projects/proj"}.',
+    )
+    upload = List(
+        Unicode(),
+        config=True,
+        help="Local files or directories (relative to the notebook's directory) copied to the "
+        "kernel's working directory before each start; only what changed is sent.",
+    )
     ssh_config = Union(
         [Unicode(), List(Unicode())],
         default_value=DEFAULT_SSH_CONFIG,
@@ -95,7 +107,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )
 
     CONFIG_KEYS = (
-        "host", "jump", "python", "kernel_argv", "env", "cwd", "ssh_config", "identity_file",
+        "host", "jump", "python", "kernel_argv", "env", "cwd", "path_map", "upload",
+        "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
         "reconnect_timeout", "orphan_timeout",
     )  # fmt: skip
@@ -122,6 +135,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.connection_info = {}
         self._kernel: RemoteKernel | None = None
         self._remote_env: dict[str, str] = {}
+        self._local_dir = os.getcwd()
         self._holds_loop = False
 
     # -- settings ----------------------------------------------------------------------
@@ -141,6 +155,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             kernel_argv=tuple(self.kernel_argv),
             env=dict(self.env),
             cwd=self.cwd,
+            path_map=dict(self.path_map),
+            upload=tuple(self.upload),
             transport=transport,
             connect_timeout=self.connect_timeout,
             launch_timeout=self.launch_timeout,
@@ -160,6 +176,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         local_env = dict(kwargs.pop("env", os.environ))
         self._remote_env = remote_env(self.kernel_spec.env if self.kernel_spec else {}, local_env)
         kwargs.pop("extra_arguments", None)
+        # jupyter_server, nbclient and papermill pass the notebook's directory as cwd
+        self._local_dir = kwargs.get("cwd") or os.getcwd()
         settings = self.settings()
         if self._kernel is None:
             self._kernel = RemoteKernel(self.kernel_id or str(uuid.uuid4()), settings, self.log)
@@ -183,7 +201,9 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             loop.acquire()
             self._holds_loop = True
         try:
-            connection_info = await loop.call(self._kernel.start(info, self._remote_env))
+            connection_info = await loop.call(
+                self._kernel.start(info, self._remote_env, local_dir=self._local_dir)
+            )
         except BaseException:
             # The kernel has closed its forwards and connection; drop the loop too.
             self._kernel = None

@@ -32,8 +32,9 @@ class Driver:
             return self._loop.run_until_complete(result)
         return result
 
-    def start(self) -> None:
-        self._run("start_kernel")
+    def start(self, **kwargs: Any) -> None:
+        """Start the kernel; ``cwd`` is the notebook's directory, as jupyter_server passes it."""
+        self._run("start_kernel", **kwargs)
 
     def client(self) -> BlockingKernelClient:
         """A blocking client on the kernel's (local, forwarded) ports, ready to execute."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
@@ -24,13 +25,13 @@ def kind(request) -> str:
     return request.param
 
 
-def start_error(kernel_name: str, kind: str, within: float = 30) -> str:
+def start_error(kernel_name: str, kind: str, within: float = 30, **start: Any) -> str:
     """Start the kernel, expect a failure; return its message after checking its shape."""
     driver = Driver(kind, kernel_name)
     started = time.monotonic()
     try:
         with pytest.raises(Exception) as info:
-            driver.start()
+            driver.start(**start)
     finally:
         driver.close()
     elapsed = time.monotonic() - started
@@ -164,3 +165,11 @@ def test_cancelled_start_leaves_nothing(jump_spec, topology, no_leftovers):
         asyncio.run(abandon())
     finally:
         net.restore_link()
+
+
+def test_missing_upload(remote_spec, tmp_path, no_leftovers, kind):
+    message = start_error(remote_spec(upload=["data.csv"]), kind, cwd=str(tmp_path))
+    assert message == (
+        f"upload of 'data.csv' failed: local path {tmp_path / 'data.csv'} does not exist; "
+        f"check the path"
+    )

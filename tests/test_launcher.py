@@ -45,7 +45,9 @@ def free_ports(count: int) -> list[int]:
 class VSCodeStyleLaunch:
     """Write a connection file, run the spec's argv, connect a client: what VS Code does."""
 
-    def __init__(self, kernels_dir: Path, kernel_name: str, workdir: Path) -> None:
+    def __init__(
+        self, kernels_dir: Path, kernel_name: str, workdir: Path, cwd: Path | None = None
+    ) -> None:
         spec_dir = kernels_dir / kernel_name
         argv = json.loads((spec_dir / "kernel.json").read_text())["argv"]
         self.info: dict[str, Any] = dict(zip([f"{c}_port" for c in CHANNELS], free_ports(5)))
@@ -61,7 +63,8 @@ class VSCodeStyleLaunch:
             )
             for a in argv
         ]
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        # VS Code starts kernels in the notebook's directory (cwd)
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=cwd)
         self.client: BlockingKernelClient | None = None
 
     def connect(self) -> BlockingKernelClient:
@@ -95,8 +98,8 @@ def launch(kernels_dir, tmp_path, no_leftovers):
     """``launch(name)`` runs a spec the VS Code way; everything is checked gone afterwards."""
     launches: list[VSCodeStyleLaunch] = []
 
-    def start(kernel_name: str) -> VSCodeStyleLaunch:
-        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path))
+    def start(kernel_name: str, cwd: Path | None = None) -> VSCodeStyleLaunch:
+        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path, cwd))
         return launches[-1]
 
     yield start
@@ -176,3 +179,16 @@ def test_killed_launcher_leaves_no_remote_kernel(remote_spec, launch, remote_tmp
     assert started.exit_status() == -signal.SIGKILL
     wait_for(lambda: not remote_processes(remote_tmp), 15, "the remote kernel to be stopped")
     assert remote_kernel_dirs(remote_tmp) == []
+
+
+def test_vscode_launch_uploads_from_the_notebook_directory(remote_spec, launch, tmp_path):
+    notebook_dir, remote_work = tmp_path / "notebooks", tmp_path / "remote-work"
+    notebook_dir.mkdir()
+    remote_work.mkdir()
+    (notebook_dir / "data.csv").write_text("a,b")
+    spec = remote_spec(argv=launcher_argv(), upload=["data.csv"], cwd=str(remote_work))
+    started = launch(spec, cwd=notebook_dir)
+    out, _ = run_cell(started.connect(), "import os; print(os.getcwd(), open('data.csv').read())")
+    assert out == f"{remote_work} a,b\n"
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.exit_status() == 0

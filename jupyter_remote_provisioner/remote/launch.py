@@ -68,6 +68,11 @@ def check_launch(req):
         raise AgentError("orphan_timeout must be a number of seconds >= 0, or null")
     # Relative to the home directory, as the exec channel's cwd was (the daemon's is base).
     cwd = os.path.join(os.path.expanduser("~"), os.path.expanduser(req.get("cwd") or "~"))
+    if req.get("create_cwd") and not os.path.isdir(cwd):
+        try:
+            os.makedirs(cwd)
+        except OSError as e:
+            raise AgentError(f"cannot create remote working directory {cwd}: {e.strerror}")
     if not os.path.isdir(cwd):
         raise AgentError(f"remote working directory {cwd} does not exist")
     return kid, argv, env, conn, transport, cwd, float(req.get("timeout") or 60.0), orphan
