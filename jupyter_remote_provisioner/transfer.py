@@ -31,7 +31,12 @@ from .target import Hop
 HELLO_TIMEOUT = 30.0  # seconds for the remote interpreter to start the helper
 CLOSE_TIMEOUT = 10.0
 SEND_CHUNK = 256 * 1024
-WINDOW = 8 * 1024 * 1024  # receive window of the helper's channel (pulls)
+# Flow control for trees of small files: every CHECKPOINT bytes a request asks for its reply
+# at once, and the sender waits while IN_FLIGHT of them are unanswered. Without it a whole
+# SSH window (2 MiB) piles up in sshd's buffers and the first transfer on a connection
+# stalls on window adjusts (0.9 s instead of 0.2 s for 2,000 files of 4 KiB here).
+CHECKPOINT = 256 * 1024
+IN_FLIGHT = 2
 
 # progress(bytes done, bytes total, files done, files total)
 Progress = Callable[[int, int, int, int], None]
@@ -101,9 +106,7 @@ class SyncChannel:
     @classmethod
     async def open(cls, conn: asyncssh.SSHClientConnection, python: str, host: Hop) -> SyncChannel:
         """Start the helper with ``python`` on ``conn`` (to ``host``); wait for its hello."""
-        process = await conn.create_process(
-            remote_command(python, "sync"), encoding=None, window=WINDOW
-        )
+        process = await conn.create_process(remote_command(python, "sync"), encoding=None)
         channel = cls(process, host)
         source = agent_source()
         process.stdin.write(b"%d\n" % len(source) + source)
@@ -323,13 +326,25 @@ async def _send(
     """Stream mkdir and put requests while reading their replies; stop at the first failure
     on either side (the helper then removes the file it was writing)."""
     stdin = channel.process.stdin
-    done = 0
+    done = answered = 0
+    checkpoints: list[int] = []  # request numbers whose replies are flushed at once
+    progressed = asyncio.Event()
 
     async def sender() -> None:
         nonlocal done
-        for item in dirs:
-            channel.send("mkdir", path=remote_join(root, item[REL]), mode=item[MODE])
+        for index, item in enumerate(dirs, 1):
+            more = bool(copies) or index < len(dirs)
+            channel.send("mkdir", path=remote_join(root, item[REL]), mode=item[MODE], more=more)
+        since_checkpoint = 0
         for number, item in enumerate(copies):
+            since_checkpoint += item[SIZE] + 1
+            last = number + 1 == len(copies)
+            if since_checkpoint >= CHECKPOINT or last:
+                checkpoints.append(len(dirs) + number + 1)
+                since_checkpoint = 0
+            while len(checkpoints) > IN_FLIGHT and answered < checkpoints[-IN_FLIGHT - 1]:
+                progressed.clear()
+                await progressed.wait()
             path = files.join(src, item[REL])
             try:
                 f = open(path, "rb")  # noqa: SIM115, ASYNC230 - local disk; with below
@@ -340,6 +355,7 @@ async def _send(
                 channel.send(
                     "put", path=remote_join(root, item[REL]), size=remaining,
                     mode=item[MODE], mtime_ns=item[MTIME],
+                    more=not checkpoints or checkpoints[-1] != len(dirs) + number + 1,
                 )  # fmt: skip
                 while remaining:
                     try:
@@ -367,6 +383,8 @@ async def _send(
                 reply.cancel()
                 task.result()  # a local failure
             await reply  # a remote failure, or the lost channel, raises here
+            answered = number + 1
+            progressed.set()
             if progress and number >= len(dirs):
                 progress(done, total, number - len(dirs) + 1, len(copies))
         await task
@@ -436,8 +454,8 @@ async def _receive(
             files.make_dir(path, item[MODE])
         except OSError as exc:
             raise local_failure("create directory", exc, path) from None
-    for item in copies:
-        channel.send("get", path=remote_join(root, item[REL]))
+    for number, item in enumerate(copies, 1):
+        channel.send("get", path=remote_join(root, item[REL]), more=number < len(copies))
     done = 0
     for number, item in enumerate(copies, 1):
         header = await channel.reply()

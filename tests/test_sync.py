@@ -137,6 +137,20 @@ def test_pull_copies_back_and_resyncs_as_a_no_op(spec, tmp_path, no_leftovers):
     assert again.stdout.strip() == f"{local} is up to date: 5 files unchanged"
 
 
+def test_many_files_round_trip(spec, tmp_path, no_leftovers):
+    """Enough small files for the sender's flow control to wait on the helper many times."""
+    local, remote, back = tmp_path / "many", tmp_path / "remote", tmp_path / "back"
+    wanted = {f"d{i // 50}/f{i}.bin": os.urandom(i * 37 % 9000) for i in range(600)}
+    for rel, content in wanted.items():
+        (local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (local / rel).write_bytes(content)
+    assert rk("sync", spec, str(local), str(remote)).stdout.startswith("copied 600 files (")
+    assert rk("sync", spec, str(remote), str(back), "--pull").stdout.startswith(
+        "copied 600 files ("
+    )
+    assert files_under(remote) == files_under(back) == wanted
+
+
 def test_a_file_lands_inside_a_directory_destination(spec, tmp_path, no_leftovers):
     local, remote = tmp_path / "data.csv", tmp_path / "remote"
     local.write_text("x,y\n")

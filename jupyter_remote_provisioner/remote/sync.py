@@ -10,6 +10,7 @@ Every message is a JSON line; one with "size" is followed by exactly that many r
   {"id", "op": "put", "path", "size", "mode", "mtime_ns"} + bytes -> {"re", "ok"}
   {"id", "op": "get", "path"}  -> {"re", "size", "mode", "mtime_ns"} + bytes, then {"re", "ok"}
 
+A request with "more": true has others right behind it: its reply is not flushed alone.
 Paths are absolute after "~" expansion, relative ones are taken from the home directory. A
 failure is answered with {"ok": false, "error", "errno", "path", "action"}, after which the
 helper removes its temporary file and exits: the local side stops at the first error.
@@ -57,7 +58,8 @@ class Helper:
                 self.stdout.flush()
                 return
             self.send(dict(reply, re=request.get("id"), ok=True))
-            self.stdout.flush()
+            if not request.get("more"):
+                self.stdout.flush()
 
     def op_stat(self, request):
         path = expand(request["path"])
