@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_core.paths import jupyter_path
 
 from .errors import ConfigError
 from .provisioner import RemoteSSHProvisioner
@@ -148,7 +149,7 @@ def install_spec(
     path is an error unless ``replace``.
     """
     check_slug(slug)
-    manager = KernelSpecManager()
+    manager = _manager()
     existing = manager.find_kernel_specs().get(slug)
     if existing and not replace:
         raise ConfigError(
@@ -168,7 +169,7 @@ def install_spec(
 def on_search_path(resource_dir: str) -> bool:
     """Whether Jupyter finds kernels in the directory holding ``resource_dir``."""
     parent = os.path.realpath(os.path.dirname(resource_dir))
-    return any(os.path.realpath(d) == parent for d in KernelSpecManager().kernel_dirs)
+    return any(os.path.realpath(d) == parent for d in _manager().kernel_dirs)
 
 
 @dataclass
@@ -233,7 +234,7 @@ def find_spec(name: str) -> RemoteSpec:
 def remove_spec(spec: RemoteSpec) -> str:
     """Remove an installed remote kernelspec; return the path removed."""
     try:
-        return KernelSpecManager().remove_kernel_spec(spec.slug)
+        return _manager().remove_kernel_spec(spec.slug)
     except KeyError:
         raise ConfigError(f"kernelspec {spec.slug} is no longer installed") from None
     except OSError as exc:
@@ -253,7 +254,16 @@ def provisioner_config(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _all_specs() -> dict[str, Any]:
-    return KernelSpecManager().get_all_specs()
+    return _manager().get_all_specs()
+
+
+def _manager() -> KernelSpecManager:
+    """A KernelSpecManager that does not import IPython (0.2 s per command): the
+    native python3 spec is never ours, and the legacy IPython kernels dir is found without
+    IPython (where ``get_ipython_dir`` looks by default)."""
+    ipython_dir = os.path.expanduser(os.environ.get("IPYTHONDIR") or "~/.ipython")
+    dirs = [*jupyter_path("kernels"), os.path.join(ipython_dir, "kernels")]
+    return KernelSpecManager(kernel_dirs=dirs, ensure_native_kernel=False)
 
 
 def _to_remote(slug: str, entry: Mapping[str, Any]) -> RemoteSpec | None:
