@@ -167,7 +167,7 @@ class ProgressBar:
         line = f"{fraction:4.0%} [{'#' * filled}{'.' * (width - filled)}]{text}"[: columns - 1]
         self.stream.write("\r" + line.ljust(self._width))
         self.stream.flush()
-        self._width = len(line)
+        self._width = max(self._width, len(line))
 
     def clear(self) -> None:
         if self._width:

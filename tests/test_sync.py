@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pty
+import re
 import signal
 import stat
 import subprocess
@@ -98,6 +100,34 @@ def test_push_copies_a_tree_then_only_what_changed(spec, tmp_path, no_leftovers)
     assert (remote / "train.py").read_bytes() == b"print('train v2')\n"
     assert (remote / "run.sh").stat().st_mtime_ns == 10**18
     assert not temp_files(remote)
+
+
+def test_progress_bar_on_a_terminal(spec, tmp_path, no_leftovers):
+    """stderr on a terminal gets a progress bar (bytes, rate, files), erased at the end."""
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(64 << 20)
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "jupyter_remote_provisioner", "sync", spec, str(big),
+             str(tmp_path / "remote") + "/"],
+            stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        os.close(follower)
+        follower = -1
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO once everything written has been read
+            while chunk := os.read(leader, 65536):
+                drawn += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert proc.returncode == 0 and proc.stdout.startswith("copied 1 file (64.0 MiB) to ")
+    *_, last, erased, end = drawn.decode().split("\r")  # frames, then spaces over the last
+    assert re.fullmatch(r"100% \[#+\] 64\.0 MiB / 64\.0 MiB  [\d.]+ [KMG]iB/s  1/1 file *", last)
+    assert erased == " " * len(last) and end == ""  # erased: the summary stands alone
 
 
 def test_default_excludes_can_be_turned_off(spec, tmp_path, no_leftovers):
