@@ -23,8 +23,9 @@ from typing import Any
 from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import LaunchError, RemoteKernelError
 from .ssh import POOL, Connection
+from .sync_channel import SyncChannel, SyncError
 from .target import Target
-from .transfer import SyncChannel, SyncError, push
+from .transfer import push
 from .tunnel import KernelTunnel
 from .workdir import Placement, placement, upload_targets
 

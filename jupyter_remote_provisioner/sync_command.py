@@ -19,7 +19,9 @@ from .kernelspec import find_spec
 from .provisioner import settings_from_config
 from .remote.files import DEFAULT_EXCLUDES
 from .ssh import private_connection
-from .transfer import SyncChannel, SyncOptions, SyncResult, pull, push
+from .sync_channel import SyncChannel
+from .sync_plan import SyncOptions, SyncResult
+from .transfer import pull, push
 
 REDRAW_INTERVAL = 0.1  # seconds between progress bar redraws
 

@@ -1,35 +1,24 @@
-"""Copying files to and from the remote host: the local end of the sync helper.
+"""Copying files to and from the remote host: push and pull over a :class:`SyncChannel`.
 
-The helper (``remote/sync.py``) runs on the kernel's remote interpreter over one exec channel
-of an existing SSH connection, so files take the same jump chain as the kernel. Both ends
-list their side with the same rules (``remote/files.py``); only files whose size or
-modification time (or, with ``checksum``, content) differ are sent. Requests are pipelined:
-a tree of small files costs no round trip per file. Every file is written under a temporary
-name and renamed into place when complete; the first failure stops the sync with a one-line
-:class:`SyncError`.
+Both ends list their side with the same rules (``remote/files.py``); only what
+:mod:`.sync_plan` finds changed is sent. Requests are pipelined, so a tree of small files
+costs no round trip per file. Every file is written under a temporary name and renamed into
+place when complete; the first failure stops the sync with a one-line SyncError.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
 import os
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import asyncssh
-
-from .agent import agent_source, remote_command, start_failure
-from .errors import RemoteKernelError
 from .remote import files
-from .remote.files import KIND, MODE, MTIME, REL, SIZE
-from .target import Hop
+from .remote.files import MODE, MTIME, REL, SIZE
+from .sync_channel import SyncChannel, SyncError, local_failure
+from .sync_plan import DEFAULT_OPTIONS, Entry, SyncOptions, SyncResult, compare, remote_join
 
-HELLO_TIMEOUT = 30.0  # seconds for the remote interpreter to start the helper
-CLOSE_TIMEOUT = 10.0
 SEND_CHUNK = 256 * 1024
 # Flow control for trees of small files: every CHECKPOINT bytes a request asks for its reply
 # at once, and the sender waits while IN_FLIGHT of them are unanswered. Without it a whole
@@ -40,229 +29,6 @@ IN_FLIGHT = 2
 
 # progress(bytes done, bytes total, files done, files total)
 Progress = Callable[[int, int, int, int], None]
-Entry = list[Any]
-
-
-class SyncError(RemoteKernelError):
-    """A sync failed; the message says what and where, and what to do."""
-
-
-@dataclass(frozen=True)
-class SyncOptions:
-    exclude: tuple[str, ...] = ()
-    default_excludes: bool = True
-    checksum: bool = False
-    dry_run: bool = False
-
-
-@dataclass
-class SyncResult:
-    """What a sync did (or, on a dry run, would do)."""
-
-    source: str
-    dest: str
-    copied: list[str] = field(default_factory=list)  # relative paths of the files sent
-    bytes: int = 0
-    unchanged: int = 0
-    dirs: int = 0  # directories created
-    skipped: list[str] = field(default_factory=list)  # broken links, special files, loops
-    seconds: float = 0.0
-
-
-def describe_failure(action: str, place: str, code: str, reason: str) -> str:
-    """A one-line message for an OS error (errno name ``code``) while doing ``action``."""
-    if code in ("ENOSPC", "EDQUOT"):
-        what = "no space left" if code == "ENOSPC" else "disk quota exceeded"
-        return f"cannot {action} {place}: {what}; free space there or choose another directory"
-    if code == "EROFS":
-        return f"cannot {action} {place}: read-only file system; choose a writable directory"
-    if code in ("EACCES", "EPERM"):
-        return (
-            f"cannot {action} {place}: {reason.lower()}; choose a path you may "
-            f"{'read' if action == 'read' else 'write'}, or fix its permissions"
-        )
-    if code == "ENOENT" and action == "read":
-        return f"{place} does not exist (it may have been removed during the sync)"
-    if code == "ENOTDIR":
-        return f"cannot {action} {place}: part of the path is a file, not a directory"
-    if code == "EISDIR":
-        return f"cannot {action} {place}: a directory is in the way"
-    return f"cannot {action} {place}: {reason}"
-
-
-def local_failure(action: str, exc: OSError, path: str) -> SyncError:
-    code = errno.errorcode.get(exc.errno or 0, "")
-    return SyncError(describe_failure(action, path, code, exc.strerror or ""))
-
-
-class SyncChannel:
-    """The sync helper running on the remote host, over one exec channel."""
-
-    def __init__(self, process: asyncssh.SSHClientProcess[bytes], host: Hop) -> None:
-        self.process = process
-        self.host = host
-        self._ids = 0
-
-    @classmethod
-    async def open(cls, conn: asyncssh.SSHClientConnection, python: str, host: Hop) -> SyncChannel:
-        """Start the helper with ``python`` on ``conn`` (to ``host``); wait for its hello."""
-        process = await conn.create_process(remote_command(python, "sync"), encoding=None)
-        channel = cls(process, host)
-        source = agent_source()
-        process.stdin.write(b"%d\n" % len(source) + source)
-        try:
-            hello = await asyncio.wait_for(process.stdout.readline(), HELLO_TIMEOUT)
-        except asyncio.TimeoutError:
-            hello = b""
-        if not hello.startswith(b'{"event":"hello"'):
-            process.close()
-            stderr = ""
-            try:
-                await asyncio.wait_for(process.wait_closed(), CLOSE_TIMEOUT)
-                stderr = (await process.stderr.read()).decode(errors="replace")
-            except (asyncio.TimeoutError, asyncssh.Error, OSError):
-                pass
-            raise start_failure(python, host.label, process.exit_status, stderr)
-        return channel
-
-    def place(self, path: str) -> str:
-        """``host:path``, as scp writes it."""
-        return f"{self.host.alias}:{path}"
-
-    def send(self, op: str, data: bytes = b"", **fields: Any) -> None:
-        self._ids += 1
-        line = json.dumps({"id": self._ids, "op": op, **fields}, separators=(",", ":"))
-        self.process.stdin.write(line.encode() + b"\n" + data)
-
-    async def reply(self) -> dict[str, Any]:
-        """The next reply; a failure reported by the helper becomes a SyncError."""
-        try:
-            line = await self.process.stdout.readline()
-        except (asyncssh.Error, OSError):
-            line = b""
-        if not line:
-            raise SyncError(
-                f"lost the connection to {self.host.label} during the sync; check the link "
-                f"and run it again (files already copied are complete)"
-            )
-        message: dict[str, Any] = json.loads(line)
-        if message.get("ok") is False:
-            raise SyncError(
-                describe_failure(
-                    message.get("action", "write"),
-                    self.place(message.get("path", "")),
-                    message.get("errno", ""),
-                    message.get("error", ""),
-                )
-            )
-        return message
-
-    async def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        self.send(op, **fields)
-        return await self.reply()
-
-    async def read_data(self, size: int) -> bytes:
-        data = await self.process.stdout.read(size)
-        if not data:
-            await self.reply()  # raises: the channel closed
-        return data
-
-    async def close(self) -> None:
-        """End the helper (EOF on its stdin) and wait, bounded, for the channel to close."""
-        try:
-            self.process.stdin.write_eof()
-        except (asyncssh.Error, OSError):
-            pass
-        try:
-            await asyncio.wait_for(self.process.wait_closed(), CLOSE_TIMEOUT)
-        except (asyncio.TimeoutError, asyncssh.Error, OSError):
-            self.process.close()
-
-    async def abort(self) -> None:
-        """Stop the helper mid-upload: at EOF it removes the file it was writing and exits;
-        wait (bounded) for that, then cut the channel."""
-        await self.close()
-        self.process.close()
-
-    def cut(self) -> None:
-        """Close the channel at once (mid-download: the helper is blocked writing to us)."""
-        self.process.close()
-
-
-def plan(
-    source: list[Entry], dest: list[Entry], same_content: set[str] | None
-) -> tuple[list[Entry], list[Entry], int]:
-    """(directories to create, files to copy, unchanged files) to make dest match source.
-
-    A file is unchanged when its size, permissions and modification time (to the second,
-    so file systems of coarser resolution agree) match, or with ``same_content`` (checksum
-    mode) when it is listed there.
-    """
-    existing = {e[REL]: e for e in dest}
-    dirs, copies, unchanged = [], [], 0
-    for item in source:
-        there = existing.get(item[REL])
-        if item[KIND] == "d":
-            if there is None:
-                dirs.append(item)
-            continue
-        if there is not None and there[KIND] == "f" and _same(item, there, same_content):
-            unchanged += 1
-        else:
-            copies.append(item)
-    return dirs, copies, unchanged
-
-
-def _same(a: Entry, b: Entry, same_content: set[str] | None) -> bool:
-    if a[SIZE] != b[SIZE] or a[MODE] != b[MODE]:
-        return False
-    if same_content is not None:
-        return a[REL] in same_content
-    return a[MTIME] // 1_000_000_000 == b[MTIME] // 1_000_000_000
-
-
-def same_size_files(source: list[Entry], dest: list[Entry]) -> list[str]:
-    """Files on both sides with equal sizes: the only ones worth a checksum."""
-    sizes = {e[REL]: e[SIZE] for e in dest if e[KIND] == "f"}
-    return [e[REL] for e in source if e[KIND] == "f" and sizes.get(e[REL]) == e[SIZE]]
-
-
-def local_hashes(root: str, rels: Iterable[str]) -> list[str]:
-    out = []
-    for rel in rels:
-        path = files.join(root, rel)
-        try:
-            out.append(files.file_hash(path))
-        except OSError as exc:
-            raise local_failure("read", exc, path) from None
-    return out
-
-
-def remote_join(root: str, rel: str) -> str:
-    return f"{root.rstrip('/')}/{rel}" if rel else root
-
-
-async def _compare(
-    channel: SyncChannel,
-    source: list[Entry],
-    existing: list[Entry],
-    local_root: str,
-    remote_root: str,
-    checksum: bool,
-    skipped: list[str],
-) -> tuple[list[Entry], list[Entry], SyncResult]:
-    """(directories to create, files to copy, the result so far) for a sync of ``source``
-    onto ``existing``; with ``checksum``, both ends hash the files of equal size."""
-    same = None
-    if checksum:
-        candidates = same_size_files(source, existing)
-        theirs = await channel.call("hash", paths=[remote_join(remote_root, r) for r in candidates])
-        mine = local_hashes(local_root, candidates)
-        same = {rel for rel, a, b in zip(candidates, mine, theirs["hashes"]) if a == b}
-    dirs, copies, unchanged = plan(source, existing, same)
-    result = SyncResult("", "", [e[REL] for e in copies], sum(e[SIZE] for e in copies))
-    result.unchanged, result.dirs, result.skipped = unchanged, len(dirs), skipped
-    return dirs, copies, result
 
 
 def _local_scan(root: str, rules: files.Rules, recursive: bool = True) -> tuple[Any, Any]:
@@ -276,7 +42,7 @@ async def push(
     channel: SyncChannel,
     local: str,
     remote: str,
-    options: SyncOptions = SyncOptions(),
+    options: SyncOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
 ) -> SyncResult:
     """Make ``remote`` a copy of the local file or directory ``local``.
@@ -304,7 +70,7 @@ async def push(
         fields = {"exclude": list(options.exclude), "defaults": options.default_excludes}
         recursive = src_kind == "dir" and dest["kind"] == "dir"
         existing = (await channel.call("scan", path=root, recursive=recursive, **fields))["entries"]
-    dirs, copies, result = await _compare(
+    dirs, copies, result = await compare(
         channel, source, existing, src, root, options.checksum, skipped
     )
     result.source, result.dest = src, channel.place(root)
@@ -401,7 +167,7 @@ async def pull(
     channel: SyncChannel,
     remote: str,
     local: str,
-    options: SyncOptions = SyncOptions(),
+    options: SyncOptions = DEFAULT_OPTIONS,
     progress: Progress | None = None,
 ) -> SyncResult:
     """Make ``local`` a copy of the remote file or directory ``remote`` (rules as push)."""
@@ -428,7 +194,7 @@ async def pull(
     existing: list[Entry] = []
     if dest_kind != "missing":
         existing = _local_scan(dest, rules, src["kind"] == "dir" and dest_kind == "dir")[0]
-    dirs, copies, result = await _compare(
+    dirs, copies, result = await compare(
         channel, source, existing, dest, src["path"], options.checksum, listing["skipped"]
     )
     result.source, result.dest = channel.place(src["path"]), dest
