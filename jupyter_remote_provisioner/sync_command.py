@@ -21,6 +21,7 @@ from .remote.files import DEFAULT_EXCLUDES
 from .ssh import private_connection
 from .sync_channel import SyncChannel
 from .sync_plan import SyncOptions, SyncResult
+from .target import Hop
 from .transfer import pull, push
 
 REDRAW_INTERVAL = 0.1  # seconds between progress bar redraws
@@ -35,7 +36,8 @@ def register(subparsers: Any) -> None:
         "files whose size or modification time differ are copied; permissions and times are "
         "kept; nothing is deleted. A directory's contents go into the destination directory "
         "(created if missing); a file goes into a destination that is a directory or ends with "
-        "'/'. Remote paths are relative to the remote home directory.",
+        "'/'. Remote paths are relative to the remote home directory; a leading 'HOST:' naming "
+        "the kernelspec's host is accepted, as scp writes it.",
     )
     sync.add_argument("name", help="a kernelspec's slug or display name")
     sync.add_argument("source", help="LOCAL (or REMOTE with --pull)")
@@ -72,8 +74,13 @@ def run_sync(args: argparse.Namespace) -> int:
     settings = settings_from_config(spec.config)
     options = SyncOptions(tuple(args.exclude), args.default_excludes, args.checksum, args.dry_run)
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.dry_run else None
+    source, dest = args.source, args.dest
+    if args.pull:
+        source = without_host(source, settings.target.host)
+    else:
+        dest = without_host(dest, settings.target.host)
     try:
-        result = asyncio.run(_sync(settings, args.source, args.dest, args.pull, options, bar))
+        result = asyncio.run(_sync(settings, source, dest, args.pull, options, bar))
     finally:
         if bar is not None:
             bar.clear()
@@ -89,6 +96,15 @@ def run_sync(args: argparse.Namespace) -> int:
         )
     print(summary(result, args.dry_run))
     return 0
+
+
+def without_host(path: str, host: Hop) -> str:
+    """REMOTE without a leading ``host:`` that names the kernelspec's host, as scp users
+    write it (``gpu:~/proj``); any other colon is part of the path."""
+    prefix, colon, rest = path.partition(":")
+    names = {host.alias, host.hostname}
+    names |= {f"{host.user}@{name}" for name in names}
+    return rest if colon and prefix in names else path
 
 
 async def _sync(

@@ -187,7 +187,7 @@ def test_a_file_lands_inside_a_directory_destination(spec, tmp_path, no_leftover
     remote.mkdir()
     rk("sync", spec, str(local), str(remote))  # an existing directory
     rk("sync", spec, str(local), f"{tmp_path}/new/")  # a trailing slash
-    rk("sync", spec, str(local), f"{tmp_path}/renamed.csv")  # a file name
+    rk("sync", spec, str(local), f"testhost:{tmp_path}/renamed.csv")  # a file name, scp style
     assert (remote / "data.csv").read_text() == "x,y\n"
     assert (tmp_path / "new" / "data.csv").read_text() == "x,y\n"
     assert (tmp_path / "renamed.csv").read_text() == "x,y\n"
