@@ -90,7 +90,7 @@ def run_sync(args: argparse.Namespace) -> int:
     if result.skipped:
         shown = ", ".join(result.skipped[:5]) + (", ..." if len(result.skipped) > 5 else "")
         print(
-            f"skipped {len(result.skipped)} that are neither files nor directories (broken "
+            f"skipped {len(result.skipped)} that are not regular files or directories (broken "
             f"links, sockets, loops): {shown}",
             file=sys.stderr,
         )

@@ -130,6 +130,25 @@ def test_progress_bar_on_a_terminal(spec, tmp_path, no_leftovers):
     assert erased == " " * len(last) and end == ""  # erased: the summary stands alone
 
 
+def test_links_are_followed_and_broken_ones_named(spec, tmp_path, no_leftovers):
+    local, remote = tmp_path / "project", tmp_path / "remote"
+    (local / "real").mkdir(parents=True)
+    (local / "real" / "data.csv").write_text("1,2\n")
+    (local / "linked.csv").symlink_to(local / "real" / "data.csv")
+    (local / "linked_dir").symlink_to(local / "real")
+    (local / "loop").symlink_to(local)
+    (local / "broken").symlink_to(tmp_path / "nowhere")
+    done = rk("sync", spec, str(local), str(remote))
+    assert files_under(remote) == {
+        "linked.csv": b"1,2\n", "linked_dir/data.csv": b"1,2\n", "real/data.csv": b"1,2\n",
+    }  # fmt: skip
+    assert not (remote / "linked.csv").is_symlink()
+    assert done.stderr == (
+        "skipped 2 that are not regular files or directories (broken links, sockets, loops): "
+        "broken, loop\n"
+    )
+
+
 def test_default_excludes_can_be_turned_off(spec, tmp_path, no_leftovers):
     local, remote = tmp_path / "project", tmp_path / "remote"
     local.mkdir()
