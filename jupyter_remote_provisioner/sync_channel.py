@@ -86,10 +86,12 @@ class SyncChannel:
         """``host:path``, as scp writes it."""
         return f"{self.host.alias}:{path}"
 
-    def send(self, op: str, data: bytes = b"", **fields: Any) -> None:
+    def send(self, op: str, data: bytes = b"", **fields: Any) -> int:
+        """Write one request (and ``data``); return its id."""
         self._ids += 1
         line = json.dumps({"id": self._ids, "op": op, **fields}, separators=(",", ":"))
         self.process.stdin.write(line.encode() + b"\n" + data)
+        return self._ids
 
     async def reply(self) -> dict[str, Any]:
         """The next reply; a failure reported by the helper becomes a SyncError."""

@@ -7,7 +7,8 @@ Every message is a JSON line; one with "size" is followed by exactly that many r
   {"id", "op": "scan", "path", "exclude", "defaults"} -> {"re", "ok", "entries", "skipped"}
   {"id", "op": "hash", "paths"}                       -> {"re", "ok", "hashes"}
   {"id", "op": "mkdir", "path", "mode"}               -> {"re", "ok"}
-  {"id", "op": "put", "path", "size", "mode", "mtime_ns"} + bytes -> {"re", "ok"}
+  {"id", "op": "put", "path", "size", "mode", "mtime_ns", "ack_every"} + bytes
+                                   -> {"re", "got"} every ack_every bytes written, {"re", "ok"}
   {"id", "op": "get", "path"}  -> {"re", "size", "mode", "mtime_ns"} + bytes, then {"re", "ok"}
 
 A request with "more": true has others right behind it: its reply is not flushed alone.
@@ -92,17 +93,24 @@ class Helper:
 
     def op_put(self, request):
         path, remaining = request["path"], request["size"]
+        every, unreported = request.get("ack_every") or 0, 0
         try:
             incoming = self.incoming = Incoming(path, request["mode"], request["mtime_ns"])
         except OSError as e:
             raise Failed("write", e, path) from None
         try:
             while remaining:
-                data = self.stdin.read(min(CHUNK, remaining))
+                data = self.stdin.read(min(CHUNK, every or CHUNK, remaining))
                 if not data:
                     raise OSError(errno.EPIPE, "the transfer was cut short")
                 remaining -= len(data)
                 incoming.write(data)
+                unreported += len(data)
+                if every and unreported >= every and remaining:
+                    got = request["size"] - remaining
+                    self.send({"re": request.get("id"), "got": got})
+                    self.stdout.flush()
+                    unreported = 0
             incoming.commit()
         except BaseException as e:
             incoming.abort()
