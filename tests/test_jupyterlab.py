@@ -272,7 +272,7 @@ def open_and_pick(page, lab: LabServer, notebook: str, kernel: str, shot: Shots)
     page.goto(lab.page_url(f"lab/workspaces/{workspace}/tree/{notebook}"))
     dialog = page.locator(".jp-Dialog")
     expect(dialog.get_by_text("Select Kernel", exact=True)).to_be_visible(timeout=START)
-    expect(dialog).to_contain_text(f'Select kernel for: "{notebook}"')
+    expect(dialog).to_contain_text(f'Select kernel for: "{Path(notebook).name}"')
     dialog.locator("select").select_option(label=kernel)
     shot("kernel-picker")
     dialog.get_by_role("button", name="Select Kernel").click()
@@ -355,6 +355,30 @@ def test_lab_runs_interrupts_restarts_and_shuts_down_remote_kernel(
     kernel_menu(page, re.compile(r"^Shut Down Kernel"))
     expect(page.locator(".jp-NotebookPanel .jp-KernelName")).to_have_text("No Kernel")
     shot("shut-down")
+    remote_side_clean(remote_tmp)
+
+
+def test_lab_notebook_reads_its_uploaded_data(
+    lab: LabServer, page, remote_spec, remote_tmp: Path, tmp_path: Path
+):
+    """The user story of `upload`: a notebook next to data.csv, the kernel elsewhere."""
+    remote_work = tmp_path / "remote-work"
+    remote_work.mkdir()
+    spec = remote_spec(upload=["data.csv"], cwd=str(remote_work))
+    project = lab.root / f"project-{spec}"
+    project.mkdir()
+    (project / "data.csv").write_text("city,temp\nOslo,3\n")
+    read = 'import os\nprint(os.getcwd(), open("data.csv").read().splitlines()[1])'
+    write_notebook(project / "analysis.ipynb", [read])
+    shot = Shots(page, 21)
+    open_and_pick(page, lab, f"{project.name}/analysis.ipynb", spec, shot)
+    status = kernel_status(page)
+    expect(status).to_have_attribute("data-status", "idle", timeout=START)
+    cell = run_cell(page, 0)
+    expect(cell.locator(".jp-OutputArea-output")).to_have_text(f"{remote_work} Oslo,3\n")
+    shot("uploaded-data-read")
+    kernel_menu(page, re.compile(r"^Shut Down Kernel"))
+    expect(page.locator(".jp-NotebookPanel .jp-KernelName")).to_have_text("No Kernel")
     remote_side_clean(remote_tmp)
 
 
