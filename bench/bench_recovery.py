@@ -32,6 +32,8 @@ from jupyter_client.manager import AsyncKernelManager
 
 from jupyter_remote_provisioner.demohost import pid_alive
 
+from kernels import wait_for_async  # tests/, on the path through bench_kernels
+
 KEEPALIVE = 1.0  # keepalive_interval of the bench spec
 ORPHAN_TIMEOUT = 2.0  # orphan_timeout of the bench spec
 STEP_TIMEOUT = 60.0
@@ -44,14 +46,6 @@ km.start_kernel()
 print(km.provisioner._kernel.pid, flush=True)
 sys.stdin.read()
 """
-
-
-async def bounded(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def local_cold_start() -> float:
@@ -82,11 +76,11 @@ async def reconnect_once(env: Environment, outage: float) -> float:
         kernel = km.provisioner._kernel
         server.stop()
         server.kill_all_sessions()
-        await bounded(lambda: kernel._recovery is not None, STEP_TIMEOUT, "the loss")
+        await wait_for_async(lambda: kernel._recovery is not None, STEP_TIMEOUT, "the loss")
         await asyncio.sleep(outage)  # the outage itself, not a synchronisation
         server.start()
         restored = time.perf_counter()
-        await bounded(lambda: kernel._recovery is None, STEP_TIMEOUT, "the reconnect")
+        await wait_for_async(lambda: kernel._recovery is None, STEP_TIMEOUT, "the reconnect")
         await kc.wait_for_ready(timeout=STEP_TIMEOUT)
         out: list[str] = []
         await kc.execute_interactive(

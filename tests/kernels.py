@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -35,6 +36,18 @@ def rk(
     if check:
         assert proc.returncode == 0, f"{args} failed: {proc.stdout}{proc.stderr}"
     return proc
+
+
+async def wait_for_async(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """:func:`wait_for` on a running event loop: the loop keeps serving while it polls."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return value
 
 
 def wait_for(

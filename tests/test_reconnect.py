@@ -16,22 +16,12 @@ from typing import Any
 import pytest
 
 from drivers import Driver
-from kernels import wait_for
+from kernels import wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(180)
 
 FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
 SLOW_CELL = "import time; time.sleep(4); y = x + 1"
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` on the running loop until true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def until_running(kc: Any, msg_id: str) -> None:
@@ -67,10 +57,10 @@ def survives(
             slow = kc.execute(SLOW_CELL)
             await until_running(kc, slow)
             fault()
-            await until(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
+            await wait_for_async(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
             assert await km.is_alive(), "poll() reported the kernel dead during the outage"
             repair()
-            await until(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+            await wait_for_async(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
             # As a client re-syncs (JupyterLab sends kernel_info): shell and iopub are back.
             await kc.wait_for_ready(timeout=30)
             out: list[str] = []
