@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,34 +122,51 @@ def log_to_stderr() -> None:
 
 async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, str]) -> int:
     """Start the kernel, relay signals to it until it ends or we are told to stop."""
-    here = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.acquire()
     try:
         await loop.call(kernel.start(connection.session, env, connection.ports))
-        here.add_signal_handler(signal.SIGINT, _interrupt, kernel)
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            here.add_signal_handler(signum, stop.set)
-        ended = asyncio.ensure_future(loop.call(kernel.wait()))
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({ended, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not ended.done():
-            log.info("Stopping the remote kernel")
-            await loop.call(kernel.signal(signal.SIGTERM))
-            try:
-                await asyncio.wait_for(asyncio.shield(ended), STOP_GRACE)
-            except asyncio.TimeoutError:
-                await loop.call(kernel.stop())
-            return 0
+        handlers = {signal.SIGINT: lambda: _interrupt(kernel), signal.SIGTERM: stop.set,
+                    signal.SIGHUP: stop.set}  # fmt: skip
+        with signal_handlers(handlers):
+            ended = await kernel_end_or(kernel, stop)
+            if not ended.done():
+                log.info("Stopping the remote kernel")
+                await loop.call(kernel.signal(signal.SIGTERM))
+                try:
+                    await asyncio.wait_for(asyncio.shield(ended), STOP_GRACE)
+                except asyncio.TimeoutError:
+                    await loop.call(kernel.stop())
+                return 0
         return exit_code(kernel.exit_status)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            here.remove_signal_handler(signum)
         try:
             await loop.call(kernel.close())
         finally:
             loop.release()
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: Mapping[signal.Signals, Callable[[], object]]) -> Iterator[None]:
+    """Call ``handlers[signum]()`` on the running loop when a signal arrives, in the block."""
+    here = asyncio.get_running_loop()
+    for signum, handler in handlers.items():
+        here.add_signal_handler(signum, handler)
+    try:
+        yield
+    finally:
+        for signum in handlers:
+            here.remove_signal_handler(signum)
+
+
+async def kernel_end_or(kernel: RemoteKernel, event: asyncio.Event) -> asyncio.Future[Any]:
+    """Wait until the remote kernel ends or ``event`` is set; return the future of the
+    kernel's end (done if it ended; the caller may wait on it further)."""
+    ended = asyncio.ensure_future(loop.call(kernel.wait()))
+    waiting = asyncio.ensure_future(event.wait())
+    await asyncio.wait({ended, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    return ended
 
 
 _interrupts: set[asyncio.Future[None]] = set()

@@ -26,7 +26,7 @@ from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
 from .kernelspec import find_spec, list_remote_specs
-from .launcher import exit_code, log_to_stderr
+from .launcher import exit_code, kernel_end_or, log_to_stderr, signal_handlers
 from .provisioner import settings_from_config
 from .ssh import private_connection
 
@@ -247,22 +247,18 @@ def _runtime_file(kernel_id: str) -> str:
 
 async def _attach(kernel: RemoteKernel, path: Path) -> int:
     """Forward the kernel, write its connection file, wait for Ctrl-C or its end."""
-    here = asyncio.get_running_loop()
     detach = asyncio.Event()
     loop.acquire()
     try:
         info = await loop.call(kernel.attach())
         _write_connection_file(path, info)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            here.add_signal_handler(signum, detach.set)
-        print(f"Attached to kernel {kernel.kernel_id} on {kernel.settings.target.describe()}.\n"
-              f"Connection file: {path}\n"
-              f"  jupyter console --existing {path}\n"
-              f"Ctrl-C detaches; the kernel keeps running.", flush=True)  # fmt: skip
-        ended = asyncio.ensure_future(loop.call(kernel.wait()))
-        detached = asyncio.ensure_future(detach.wait())
-        await asyncio.wait({ended, detached}, return_when=asyncio.FIRST_COMPLETED)
-        detached.cancel()
+        with signal_handlers(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
+                                           detach.set)):  # fmt: skip
+            print(f"Attached to kernel {kernel.kernel_id} on {kernel.settings.target.describe()}.\n"
+                  f"Connection file: {path}\n"
+                  f"  jupyter console --existing {path}\n"
+                  f"Ctrl-C detaches; the kernel keeps running.", flush=True)  # fmt: skip
+            ended = await kernel_end_or(kernel, detach)
         if ended.done():
             print(f"The kernel ended (exit status {kernel.exit_status}).", flush=True)
             return exit_code(kernel.exit_status)
@@ -270,8 +266,6 @@ async def _attach(kernel: RemoteKernel, path: Path) -> int:
         print("Detached; the kernel keeps running.", flush=True)
         return 0
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            here.remove_signal_handler(signum)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         try:
