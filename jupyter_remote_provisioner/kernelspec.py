@@ -118,12 +118,7 @@ def build_spec(
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """Check keys and values the way the provisioner will when the kernel starts."""
-    unknown = sorted(set(config) - set(RemoteSSHProvisioner.CONFIG_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {', '.join(map(repr, unknown))}; "
-            f"valid keys: {', '.join(RemoteSSHProvisioner.CONFIG_KEYS)}"
-        )
+    RemoteSSHProvisioner.check_keys(config)
     RemoteSSHProvisioner(**config)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from string import Template
 from typing import Any, cast
 
@@ -114,13 +114,18 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
-    def __init__(self, **kwargs: Any) -> None:
-        unknown = sorted(set(kwargs) - set(self.CONFIG_KEYS) - set(self._BASE_KEYS))
+    @classmethod
+    def check_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse keys that are not config keys (jupyter_client would silently drop them)."""
+        unknown = sorted(set(keys) - set(cls.CONFIG_KEYS))
         if unknown:
             raise ConfigError(
                 f"unknown key(s) {', '.join(map(repr, unknown))} in metadata.kernel_provisioner"
-                f".config; valid keys: {', '.join(self.CONFIG_KEYS)}"
+                f".config; valid keys: {', '.join(cls.CONFIG_KEYS)}"
             )
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.check_keys(set(kwargs) - set(self._BASE_KEYS))
         try:
             super().__init__(**kwargs)
         except TraitError as exc:

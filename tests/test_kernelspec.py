@@ -124,7 +124,7 @@ def test_build_spec_keeps_only_given_keys() -> None:
         ({"host": "gpu:0"}, "invalid port in 'gpu:0'"),
         ({"host": "@gpu"}, "empty user name"),
         ({"jump": ["ok", "bad hop"]}, "invalid host 'bad hop'"),
-        ({"extra_config": {"hostname": "x"}}, "unknown config key(s) 'hostname'; valid keys: host"),
+        ({"extra_config": {"hostname": "x"}}, "unknown key(s) 'hostname' in metadata.kernel_p"),
         ({"extra_config": {"transport": "udp"}}, "'transport' trait"),
         ({"env": {"A": 1}}, "'env' trait"),
         ({"extra_config": {"kernel_argv": ["R"]}}, "must contain {connection_file}"),
