@@ -10,6 +10,7 @@ interpreter on one connection, so kernels cost no SSH session (sshd's MaxSession
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -168,7 +169,7 @@ class RemoteAgent:
         )
         agent._channel = channel
         source = agent_source()
-        channel.write(b"%d\n" % len(source) + source)
+        agent._write(b"%d\n" % len(source) + source)  # if this fails, the hello wait says why
         try:
             agent.hello = await asyncio.wait_for(asyncio.shield(agent._hello), timeout)
         except asyncio.TimeoutError:
@@ -186,7 +187,7 @@ class RemoteAgent:
         """One line every ``interval`` s, so the remote side can tell a dead link."""
         while self._channel is not None and not self.closed.is_set():
             line = {"id": next(self._ids), "op": "keepalive", "within": SILENT_INTERVALS * interval}
-            self._channel.write(json.dumps(line).encode() + b"\n")  # its reply is ignored
+            self._write(json.dumps(line).encode() + b"\n")  # its reply is ignored
             await asyncio.sleep(interval)
 
     def _start_failure(self) -> LaunchError:
@@ -201,7 +202,9 @@ class RemoteAgent:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self._channel.write(json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n")
+        if not self._write(json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"):
+            self._pending.pop(request_id, None)
+            raise AgentLost(f"the remote agent on {self.host_label} is gone")
         try:
             reply = await asyncio.wait_for(future, reply_timeout)
         finally:
@@ -209,6 +212,15 @@ class RemoteAgent:
         if not reply.get("ok"):
             raise AgentError(reply)
         return reply
+
+    def _write(self, data: bytes) -> bool:
+        """Write to the channel; False if it is already closing (its close is on its way)."""
+        assert self._channel is not None
+        try:
+            self._channel.write(data)
+        except (BrokenPipeError, asyncssh.Error):
+            return False
+        return True
 
     def on_exit(self, kernel: str, callback: ExitCallback | None) -> None:
         """Call ``callback(status, log_tail)`` when ``kernel`` exits (None to stop watching)."""
@@ -259,7 +271,8 @@ class RemoteAgent:
     async def close(self) -> None:
         """End the agent by closing its stdin; it stops its kernels and removes their files."""
         if self._channel is not None and not self.closed.is_set():
-            self._channel.write_eof()
+            with contextlib.suppress(BrokenPipeError, asyncssh.Error):
+                self._channel.write_eof()
             try:
                 await asyncio.wait_for(self.closed.wait(), 5)
             except asyncio.TimeoutError:

@@ -8,6 +8,7 @@ either end becomes a one-line :class:`SyncError` that says what failed, where, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 from typing import Any
@@ -66,7 +67,8 @@ class SyncChannel:
         process = await conn.create_process(remote_command(python, "sync"), encoding=None)
         channel = cls(process, host)
         source = agent_source()
-        process.stdin.write(b"%d\n" % len(source) + source)
+        with contextlib.suppress(BrokenPipeError, asyncssh.Error):  # ended at once: see below
+            process.stdin.write(b"%d\n" % len(source) + source)
         try:
             hello = await asyncio.wait_for(process.stdout.readline(), HELLO_TIMEOUT)
         except asyncio.TimeoutError:
@@ -87,10 +89,12 @@ class SyncChannel:
         return f"{self.host.alias}:{path}"
 
     def send(self, op: str, data: bytes = b"", **fields: Any) -> int:
-        """Write one request (and ``data``); return its id."""
+        """Write one request (and ``data``); return its id. If the channel is closing, the
+        next :meth:`reply` reports why."""
         self._ids += 1
         line = json.dumps({"id": self._ids, "op": op, **fields}, separators=(",", ":"))
-        self.process.stdin.write(line.encode() + b"\n" + data)
+        with contextlib.suppress(BrokenPipeError, asyncssh.Error):
+            self.process.stdin.write(line.encode() + b"\n" + data)
         return self._ids
 
     async def reply(self) -> dict[str, Any]:

@@ -192,6 +192,8 @@ async def _send(
             for pending in (task, reply):
                 if pending is not None and not pending.done():
                     pending.cancel()
+                elif pending is not None and not pending.cancelled():
+                    pending.exception()  # retrieved: the failure reported is the helper's
             await channel.abort()
 
 
