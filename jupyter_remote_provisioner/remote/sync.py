@@ -23,7 +23,19 @@ import os
 import signal
 import sys
 
-from .files import CHUNK, Incoming, Rules, entry, file_hash, kind_of, make_dir, scan
+from .files import (
+    CHUNK,
+    MODE,
+    MTIME,
+    SIZE,
+    Incoming,
+    Rules,
+    entry,
+    file_hash,
+    kind_of,
+    make_dir,
+    scan,
+)  # fmt: skip
 
 
 class Failed(Exception):
@@ -39,7 +51,6 @@ def expand(path):
 class Helper:
     def __init__(self, stdin, stdout):
         self.stdin, self.stdout = stdin, stdout
-        self.incoming = None
 
     def send(self, message, data=b""):
         self.stdout.write(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
@@ -95,10 +106,10 @@ class Helper:
         path, remaining = request["path"], request["size"]
         every, unreported = request.get("ack_every") or 0, 0
         try:
-            incoming = self.incoming = Incoming(path, request["mode"], request["mtime_ns"])
+            incoming = Incoming(path, request["mode"], request["mtime_ns"])
         except OSError as e:
             raise Failed("write", e, path) from None
-        try:
+        try:  # any way out but commit() removes the temporary file (SIGTERM: SystemExit)
             while remaining:
                 data = self.stdin.read(min(CHUNK, every or CHUNK, remaining))
                 if not data:
@@ -117,8 +128,6 @@ class Helper:
             if isinstance(e, OSError):
                 raise Failed("write", e, path) from None
             raise
-        finally:
-            self.incoming = None
         return {}
 
     def op_get(self, request):
@@ -128,11 +137,10 @@ class Helper:
         except OSError as e:
             raise Failed("read", e, path) from None
         with f:
-            st = os.fstat(f.fileno())
-            header = entry("", st)
-            self.send({"re": request.get("id"), "size": header[2], "mode": header[4],
-                       "mtime_ns": header[3]})  # fmt: skip
-            remaining, error = header[2], None
+            header = entry("", os.fstat(f.fileno()))
+            self.send({"re": request.get("id"), "size": header[SIZE], "mode": header[MODE],
+                       "mtime_ns": header[MTIME]})  # fmt: skip
+            remaining, error = header[SIZE], None
             while remaining:
                 try:
                     data = f.read(min(CHUNK, remaining)) if error is None else b""
@@ -147,10 +155,6 @@ class Helper:
             raise Failed("read", error, path)
         return {}
 
-    def cleanup(self):
-        if self.incoming is not None:
-            self.incoming.abort()
-
 
 def failure_reply(failure):
     code = getattr(failure.exc, "errno", None)
@@ -164,7 +168,8 @@ def failure_reply(failure):
 
 
 def sync_main():
-    """Serve one sync session on stdin/stdout; a terminated helper removes its temp file."""
+    """Serve one sync session on stdin/stdout (SIGTERM and SIGHUP end it like Ctrl-C, so
+    the file being written is removed)."""
     helper = Helper(sys.stdin.buffer, sys.stdout.buffer)
 
     def terminate(signum, frame):
@@ -179,7 +184,6 @@ def sync_main():
     except (BrokenPipeError, KeyboardInterrupt):
         pass
     finally:
-        helper.cleanup()
         try:
             helper.stdout.flush()
         except OSError:
