@@ -77,6 +77,13 @@ def agent_source() -> bytes:
     return (BUNDLE % (sources,)).encode("ascii")
 
 
+@functools.cache
+def bootstrap_input() -> bytes:
+    """What the bootstrap reads on stdin first: the bundle's length, a newline, the bundle."""
+    source = agent_source()
+    return b"%d\n" % len(source) + source
+
+
 def remote_command(python: str, mode: str = "relay") -> str:
     """The exec command running the bundle's ``mode`` on ``python`` (``~/`` expanded remotely)."""
     if python.startswith("~/"):
@@ -168,8 +175,7 @@ class RemoteAgent:
             lambda: _Session(agent), remote_command(python), encoding=None
         )
         agent._channel = channel
-        source = agent_source()
-        agent._write(b"%d\n" % len(source) + source)  # if this fails, the hello wait says why
+        agent._write(bootstrap_input())  # if this fails, the hello wait says why
         try:
             agent.hello = await asyncio.wait_for(asyncio.shield(agent._hello), timeout)
         except asyncio.TimeoutError:

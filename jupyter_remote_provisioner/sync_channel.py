@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncssh
 
-from .agent import agent_source, remote_command, start_failure
+from .agent import bootstrap_input, remote_command, start_failure
 from .errors import RemoteKernelError
 from .target import Hop
 
@@ -66,9 +66,8 @@ class SyncChannel:
         """Start the helper with ``python`` on ``conn`` (to ``host``); wait for its hello."""
         process = await conn.create_process(remote_command(python, "sync"), encoding=None)
         channel = cls(process, host)
-        source = agent_source()
         with contextlib.suppress(BrokenPipeError, asyncssh.Error):  # ended at once: see below
-            process.stdin.write(b"%d\n" % len(source) + source)
+            process.stdin.write(bootstrap_input())
         try:
             hello = await asyncio.wait_for(process.stdout.readline(), HELLO_TIMEOUT)
         except asyncio.TimeoutError:
@@ -88,13 +87,13 @@ class SyncChannel:
         """``host:path``, as scp writes it."""
         return f"{self.host.alias}:{path}"
 
-    def send(self, op: str, data: bytes = b"", **fields: Any) -> int:
-        """Write one request (and ``data``); return its id. If the channel is closing, the
-        next :meth:`reply` reports why."""
+    def send(self, op: str, **fields: Any) -> int:
+        """Write one request; return its id. If the channel is closing, the next
+        :meth:`reply` reports why."""
         self._ids += 1
         line = json.dumps({"id": self._ids, "op": op, **fields}, separators=(",", ":"))
         with contextlib.suppress(BrokenPipeError, asyncssh.Error):
-            self.process.stdin.write(line.encode() + b"\n" + data)
+            self.process.stdin.write(line.encode() + b"\n")
         return self._ids
 
     async def reply(self) -> dict[str, Any]:
