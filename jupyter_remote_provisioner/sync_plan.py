@@ -26,6 +26,9 @@ class SyncOptions:
     checksum: bool = False
     dry_run: bool = False
 
+    def rules(self) -> files.Rules:
+        return files.Rules(self.exclude, self.default_excludes)
+
 
 DEFAULT_OPTIONS = SyncOptions()
 

@@ -40,6 +40,16 @@ def _local_scan(root: str, rules: files.Rules, recursive: bool = True) -> tuple[
         raise local_failure("read", exc, exc.filename or root) from None
 
 
+async def _remote_scan(
+    channel: SyncChannel, path: str, options: SyncOptions, recursive: bool = True
+) -> dict[str, Any]:
+    """The helper's listing of ``path`` (entries, skipped), with the same rules as ours."""
+    return await channel.call(
+        "scan", path=path, recursive=recursive, exclude=list(options.exclude),
+        defaults=options.default_excludes,
+    )  # fmt: skip
+
+
 async def push(
     channel: SyncChannel,
     local: str,
@@ -65,13 +75,11 @@ async def push(
     if src_kind == "dir" and dest["kind"] in ("file", "other"):
         raise SyncError(f"{channel.place(dest['path'])} is a file; give a directory to sync into")
     root = dest["path"]
-    rules = files.Rules(options.exclude, options.default_excludes)
-    source, skipped = _local_scan(src, rules)
+    source, skipped = _local_scan(src, options.rules())
     existing: list[Entry] = []
     if dest["kind"] != "missing":
-        fields = {"exclude": list(options.exclude), "defaults": options.default_excludes}
         recursive = src_kind == "dir" and dest["kind"] == "dir"
-        existing = (await channel.call("scan", path=root, recursive=recursive, **fields))["entries"]
+        existing = (await _remote_scan(channel, root, options, recursive))["entries"]
     dirs, copies, result = await compare(
         channel, source, existing, src, root, options.checksum, skipped
     )
@@ -98,12 +106,12 @@ class Written:
         self._spans[request_id] = (start, start + size, flushed)
 
     def note(self, message: dict[str, Any]) -> None:
-        start, end, flushed = self._spans.pop(message["re"], (self.bytes, self.bytes, True))
-        if "got" in message:
-            self._spans[message["re"]] = (start, end, flushed)
+        if "got" in message:  # progress inside a large file
+            start = self._spans[message["re"]][0]
             self.bytes = max(self.bytes, start + message["got"])
             self._changed.set()
             return
+        _, end, flushed = self._spans.pop(message["re"])
         self.answered += 1
         self.bytes = max(self.bytes, end)
         if flushed:
@@ -142,7 +150,6 @@ async def _send(
             unflushed += item[SIZE] + 1
             more = unflushed < CHECKPOINT and number + 1 < len(copies)
             unflushed = unflushed if more else 0
-            await written.wait_until_within(done, AHEAD)
             path = files.join(src, item[REL])
             try:
                 f = open(path, "rb")  # noqa: SIM115, ASYNC230 - local disk; with below
@@ -156,8 +163,7 @@ async def _send(
                 )  # fmt: skip
                 written.sent(put, done, remaining, not more)
                 while remaining:
-                    if remaining < item[SIZE]:  # within a large file: wait for "got" notes
-                        await written.wait_until_within(done, AHEAD)
+                    await written.wait_until_within(done, AHEAD)
                     try:
                         data = f.read(min(SEND_CHUNK, remaining))
                     except OSError as exc:
@@ -220,14 +226,12 @@ async def pull(
     dest_kind = files.kind_of(dest)
     if src["kind"] == "dir" and dest_kind in ("file", "other"):
         raise SyncError(f"local path {dest} is a file; give a directory to sync into")
-    rules = files.Rules(options.exclude, options.default_excludes)
-    listing = await channel.call(
-        "scan", path=src["path"], exclude=list(options.exclude), defaults=options.default_excludes
-    )
+    listing = await _remote_scan(channel, src["path"], options)
     source: list[Entry] = listing["entries"]
     existing: list[Entry] = []
     if dest_kind != "missing":
-        existing = _local_scan(dest, rules, src["kind"] == "dir" and dest_kind == "dir")[0]
+        recursive = src["kind"] == "dir" and dest_kind == "dir"
+        existing = _local_scan(dest, options.rules(), recursive)[0]
     dirs, copies, result = await compare(
         channel, source, existing, dest, src["path"], options.checksum, listing["skipped"]
     )
