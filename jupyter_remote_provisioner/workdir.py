@@ -12,6 +12,7 @@ import os
 import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,21 @@ def _local(path: str) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
 
 
+def _remote_under(remote_root: str, local: str, local_root: str) -> str:
+    """``remote_root`` followed by the path of ``local`` below ``local_root``."""
+    parts = PurePath(local).relative_to(local_root).parts
+    return posixpath.join(remote_root, *parts) if parts else remote_root
+
+
 def map_path(local_path: str, path_map: Mapping[str, str]) -> str | None:
     """The remote path of ``local_path`` under the longest matching local root, or None."""
     path = _local(local_path)
-    best: tuple[str, str] | None = None
-    for local_root, remote_root in path_map.items():
-        root = _local(local_root)
-        if (path == root or path.startswith(root.rstrip(os.sep) + os.sep)) and (
-            best is None or len(root) > len(best[0])
-        ):
-            best = (root, remote_root)
-    if best is None:
+    roots = [(_local(local), remote) for local, remote in path_map.items()]
+    matching = [(local, remote) for local, remote in roots if PurePath(path).is_relative_to(local)]
+    if not matching:
         return None
-    relative = os.path.relpath(path, best[0])
-    if relative == ".":
-        return best[1]
-    return posixpath.join(best[1], *relative.split(os.sep))
+    local_root, remote_root = max(matching, key=lambda pair: len(pair[0]))
+    return _remote_under(remote_root, path, local_root)
 
 
 def placement(local_dir: str, path_map: Mapping[str, str], cwd: str | None) -> Placement:
@@ -58,16 +58,14 @@ def upload_targets(
     notebook's directory. A path under a mapped root goes to its mapped place; one under the
     notebook's directory keeps its relative place under the kernel's working directory;
     any other goes into the working directory by its name."""
-    base = _local(local_dir)
+    base, workdir = _local(local_dir), cwd or "~"
     targets = []
     for entry in uploads:
         local = _local(os.path.join(base, os.path.expanduser(entry)))
         remote = map_path(local, path_map)
-        if remote is None and local == base:
-            remote = cwd or "~"
+        if remote is None and PurePath(local).is_relative_to(base):
+            remote = _remote_under(workdir, local, base)
         elif remote is None:
-            inside = local.startswith(base.rstrip(os.sep) + os.sep)
-            relative = os.path.relpath(local, base) if inside else os.path.basename(local)
-            remote = posixpath.join(cwd or "", *relative.split(os.sep))
+            remote = posixpath.join(workdir, os.path.basename(local))
         targets.append((local, remote))
     return targets
