@@ -76,12 +76,7 @@ class Figure:
     stat: str = "median"  # how samples become the figure: median, p90, single
 
     def value(self, side: str) -> float | None:
-        samples = self.local if side == "local" else self.remote
-        if not samples:
-            return None
-        if self.stat == "p90":
-            return percentile(samples, 90)
-        return statistics.median(samples)
+        return summarize(self.local if side == "local" else self.remote, self.stat)
 
     def ratio(self) -> float | None:
         local, remote = self.value("local"), self.value("remote")
@@ -95,6 +90,15 @@ class Figure:
             return ""
         met = ratio >= self.limit if self.higher_is_better else ratio <= self.limit
         return "met" if met else "MISSED"
+
+
+def summarize(samples: list[float], stat: str) -> float | None:
+    """The figure of ``samples``: their median, or p90 (``stat`` "p90"); None if none."""
+    if not samples:
+        return None
+    if stat == "p90":
+        return percentile(samples, 90)
+    return statistics.median(samples)
 
 
 def percentile(samples: list[float], pct: float) -> float:

@@ -41,7 +41,6 @@ from bench_kernels import (
     TOTAL_TIMEOUT,
     Kernels,
     interrupt,
-    percentile,
     progress,
     round_trip,
     stream,
@@ -85,12 +84,7 @@ class Figure:
     samples: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SIDES})
 
     def value(self, side: str) -> float | None:
-        samples = self.samples[side]
-        if not samples:
-            return None
-        if self.stat == "p90":
-            return percentile(samples, 90)
-        return statistics.median(samples)
+        return bk.summarize(self.samples[side], self.stat)
 
     def ratio(self, side: str, other: str) -> float | None:
         a, b = self.value(side), self.value(other)
