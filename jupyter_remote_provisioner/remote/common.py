@@ -28,6 +28,12 @@ def one_line(text):
     return " ".join(str(text).split()) or "unknown error"
 
 
+def from_home(path):
+    """A remote path as the user means it: "~" expanded, relative ones from the home dir
+    (where an exec channel starts; the daemon's own cwd is elsewhere)."""
+    return os.path.normpath(os.path.join(os.path.expanduser("~"), os.path.expanduser(path)))
+
+
 def killpg(pgid, signum):
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)

@@ -11,7 +11,7 @@ import tempfile
 import threading
 import time
 
-from .common import CHANNELS, AgentError, exited, killpg, log_tail
+from .common import CHANNELS, AgentError, exited, from_home, killpg, log_tail
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
 
@@ -66,8 +66,7 @@ def check_launch(req):
         isinstance(orphan, bool) or not isinstance(orphan, (int, float)) or orphan < 0
     ):
         raise AgentError("orphan_timeout must be a number of seconds >= 0, or null")
-    # Relative to the home directory, as the exec channel's cwd was (the daemon's is base).
-    cwd = os.path.join(os.path.expanduser("~"), os.path.expanduser(req.get("cwd") or "~"))
+    cwd = from_home(req.get("cwd") or "~")
     if req.get("create_cwd") and not os.path.isdir(cwd):
         try:
             os.makedirs(cwd)

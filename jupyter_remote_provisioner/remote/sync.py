@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 
+from .common import from_home
 from .files import (
     CHUNK,
     MODE,
@@ -42,10 +43,6 @@ class Failed(Exception):
     def __init__(self, action, exc, path):
         Exception.__init__(self, exc.strerror or str(exc))
         self.action, self.exc, self.path = action, exc, path
-
-
-def expand(path):
-    return os.path.normpath(os.path.join(os.path.expanduser("~"), os.path.expanduser(path)))
 
 
 class Helper:
@@ -74,11 +71,11 @@ class Helper:
                 self.stdout.flush()
 
     def op_stat(self, request):
-        path = expand(request["path"])
+        path = from_home(request["path"])
         return {"path": path, "kind": kind_of(path)}
 
     def op_scan(self, request):
-        path = expand(request["path"])
+        path = from_home(request["path"])
         rules = Rules(request.get("exclude") or (), request.get("defaults", True))
         try:
             entries, skipped = scan(path, rules, request.get("recursive", True))
