@@ -38,6 +38,17 @@ def rk(
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The message of a command that failed as it should: exit status 1 and one line,
+    ``remote_kernel: error: MESSAGE``, no traceback."""
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("remote_kernel: error: "), lines[0]
+    return lines[0].removeprefix("remote_kernel: error: ")
+
+
 async def wait_for_async(
     predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
 ) -> Any:

@@ -7,24 +7,19 @@ import sys
 
 import pytest
 
+from kernels import rk
+
 pytestmark = pytest.mark.timeout(120)
-
-CLI = [sys.executable, "-m", "jupyter_remote_provisioner.cli"]
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def add(name: str, *options: str) -> None:
-    result = cli("add", "--name", name, "--replace", *options)
-    assert result.returncode == 0, result.stderr
+    rk("add", "--name", name, "--replace", *options)
 
 
 def test_check_through_a_jump_host(topology, no_leftovers):
     add("Check Jump", "--endpoint", "gpu", "--ssh-config", str(topology.ssh_config),
         "--python", sys.executable)  # fmt: skip
-    result = cli("check", "Check Jump")
+    result = rk("check", "Check Jump", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("Checking check_jump (Check Jump):")
@@ -39,7 +34,7 @@ def test_check_reports_the_failing_step(ssh_env, tmp_path, no_leftovers):
     empty.write_text("")
     add("Check Unknown Key", "--endpoint", ssh_env.alias, "--ssh-config", str(ssh_env.ssh_config),
         "--known-hosts", str(empty))  # fmt: skip
-    result = cli("check", "check_unknown_key")
+    result = rk("check", "check_unknown_key", check=False)
     assert result.returncode == 1
     assert "  [FAIL] host key for testhost" in result.stdout
     assert result.stdout.splitlines()[-1].startswith("FAILED: check_unknown_key")
@@ -53,14 +48,14 @@ def test_check_without_ipykernel(ssh_env, tmp_path, no_leftovers):
     )
     add("Check Bare", "--endpoint", ssh_env.alias, "--ssh-config", str(ssh_env.ssh_config),
         "--python", str(venv / "bin" / "python"))  # fmt: skip
-    result = cli("check", "check_bare")
+    result = rk("check", "check_bare", check=False)
     assert result.returncode == 1
     assert "[FAIL] ipykernel is not installed" in result.stdout
     assert "-m pip install ipykernel" in result.stdout
 
 
 def test_check_unknown_name_is_one_line(no_leftovers):
-    result = cli("check", "no_such_kernel")
+    result = rk("check", "no_such_kernel", check=False)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "no remote kernelspec named" in line

@@ -18,6 +18,8 @@ import pytest
 
 from jupyter_remote_provisioner import __version__
 
+from kernels import one_line_error
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "kernelspecs"
 EXAMPLE_DIRS = ("remote_direct", "remote_bastion", "remote_ssh_alias", "remote_r")
 TIMEOUT = 60
@@ -85,13 +87,7 @@ class Cli:
 
     def fails(self, *args: str) -> str:
         """Run a command that must fail cleanly; return its one-line error."""
-        proc = self.rk(*args, check=False)
-        assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert "Traceback" not in proc.stderr, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1, proc.stderr
-        assert lines[0].startswith("remote_kernel: error: "), lines[0]
-        return lines[0].removeprefix("remote_kernel: error: ")
+        return one_line_error(self.rk(*args, check=False))
 
 
 @pytest.fixture
