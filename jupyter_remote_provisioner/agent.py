@@ -126,6 +126,17 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self._agent = agent
         self._buffer = b""
 
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        """The channel is open: send the bundle right behind the exec request.
+
+        asyncssh calls this, then sends the exec request without yielding to the loop, so
+        a write scheduled here follows the request on the wire instead of waiting one round
+        trip for its reply (sshd runs the command before it reads the next packet, as for
+        OpenSSH's own client). A test of every kernel start would fail if that changed.
+        """
+        self._agent._channel = chan
+        asyncio.get_running_loop().call_soon(self._agent._write, bootstrap_input())
+
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
             self._agent.stderr = (self._agent.stderr + data.decode(errors="replace"))[-STDERR_TAIL:]
@@ -171,11 +182,9 @@ class RemoteAgent:
     ) -> RemoteAgent:
         """Run the agent with ``python`` on ``conn``, wait for its hello, start keepalives."""
         agent = cls(python, host_label)
-        channel, _ = await conn.create_session(
-            lambda: _Session(agent), remote_command(python), encoding=None
-        )
-        agent._channel = channel
-        agent._write(bootstrap_input())  # if this fails, the hello wait says why
+        # The session sends the bundle (see _Session.connection_made); if that fails, the
+        # hello wait below says why.
+        await conn.create_session(lambda: _Session(agent), remote_command(python), encoding=None)
         try:
             agent.hello = await asyncio.wait_for(asyncio.shield(agent._hello), timeout)
         except asyncio.TimeoutError:
