@@ -55,6 +55,7 @@ class KernelSettings:
     keepalive_interval: float = 15.0
     reconnect_timeout: float = 600.0
     orphan_timeout: float | None = 600.0
+    connection_persist: float = 300.0
 
     def argv(self) -> list[str]:
         """The remote command: ``kernel_argv`` when given, else ipykernel on ``python``."""
@@ -108,7 +109,7 @@ class RemoteKernel:
             await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
         except BaseException:
-            await self.close()
+            await self.close(persist=False)
             raise
         self.pid = reply.get("pid")
         self.exit_status, self._running = None, True
@@ -299,7 +300,7 @@ class RemoteKernel:
             await self.tunnel.open(ports)
             reply = await self._reattach()
         except AgentError as exc:
-            await self.close(keep_kernel=True)
+            await self.close(keep_kernel=True, persist=False)
             if "exited" in exc.reply:
                 raise RemoteKernelError(
                     f"kernel {self.kernel_id} on {self.settings.target.host.label} exited "
@@ -310,7 +311,7 @@ class RemoteKernel:
                 f"`remote_kernel ps` lists the running ones"
             ) from None
         except BaseException:
-            await self.close(keep_kernel=True)
+            await self.close(keep_kernel=True, persist=False)
             raise
         self.pid, self.exit_status, self._running = reply.get("pid"), None, True
         return self._connection_info(reply.get("connection") or {})
@@ -397,9 +398,10 @@ class RemoteKernel:
             self.log.warning("Remote kernel %s did not confirm its exit", self.kernel_id)
             self._running = False
 
-    async def close(self, keep_kernel: bool = False) -> None:
+    async def close(self, keep_kernel: bool = False, persist: bool = True) -> None:
         """Stop the kernel if needed (unless ``keep_kernel``: detach, it runs on), close the
-        forwards and let go of the connection."""
+        forwards and let go of the connection: kept for ``connection_persist`` seconds
+        when ``persist`` (after a kernel's life), closed at once otherwise (a failed start)."""
         if keep_kernel:
             self._running = False
             if self._recovery is not None:
@@ -411,7 +413,7 @@ class RemoteKernel:
         await self.tunnel.close()
         conn, self._conn = self._conn, None
         if conn is not None:
-            await POOL.release(conn)
+            await POOL.release(conn, self.settings.connection_persist if persist else 0.0)
 
 
 async def _agent_for(conn: Connection, settings: KernelSettings) -> RemoteAgent:

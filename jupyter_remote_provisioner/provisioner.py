@@ -106,11 +106,19 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "stopped; null keeps it until stopped (remote_kernel stop).",
     )
 
+    connection_persist = Float(
+        300.0,
+        config=True,
+        help="Seconds the SSH connection stays open after its last kernel ended, so that the "
+        "next kernel on that host starts without a new handshake (like OpenSSH's "
+        "ControlPersist); 0 closes it at once. Never delays the exit of the process.",
+    )
+
     CONFIG_KEYS = (
         "host", "jump", "python", "kernel_argv", "env", "cwd", "path_map", "upload",
         "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
-        "reconnect_timeout", "orphan_timeout",
+        "reconnect_timeout", "orphan_timeout", "connection_persist",
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
@@ -168,6 +176,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             keepalive_interval=self.keepalive_interval,
             reconnect_timeout=self.reconnect_timeout,
             orphan_timeout=self.orphan_timeout,
+            connection_persist=self.connection_persist,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

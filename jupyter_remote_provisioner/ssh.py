@@ -3,12 +3,23 @@
 Every hop is authenticated and its host key checked against known_hosts exactly like the
 kernel's host. Failures become one-line :class:`ConnectError` messages that name the hop
 and the remedy. :class:`ConnectionPool` shares one connection per target among all kernels
-of this process; it closes the connection when the last kernel lets go.
+of this process; when the last kernel lets go it keeps the connection for
+``connection_persist`` seconds (like OpenSSH's ControlPersist), then closes it.
+
+Two things keep the link fast on real networks (see DESIGN.md):
+
+- every channel (the jump tunnels, the kernel's forwards) opens with a receive window of
+  :data:`WINDOW`, wide enough for the bandwidth-delay product of a distant link;
+- each jump host runs one empty session, because OpenSSH's sshd turns on TCP_NODELAY for a
+  connection only once a session has run on it; a jump host that refuses sessions gets
+  TCP_QUICKACK from our side instead (Linux), so its Nagle delay waits for one round trip
+  rather than for our delayed ACK.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import errno
 import logging
@@ -21,6 +32,7 @@ from typing import Any
 
 import asyncssh
 
+from . import loop
 from .errors import ConnectError
 from .target import Hop, Target
 
@@ -35,6 +47,13 @@ FAST_CIPHERS = [
     "aes256-ctr",
 ]
 KEEPALIVE_COUNT_MAX = 3
+# Receive window of every channel we open: 2 MiB (asyncssh's default) caps a stream at
+# 2 MiB per round trip, 50 MiB/s at 40 ms; 8 MiB allows 200 MiB/s there.
+WINDOW = 8 << 20
+# Run on a jump host only so that its sshd switches the connection to TCP_NODELAY.
+NODELAY_COMMAND = "exit 0"
+NODELAY_TIMEOUT = 10.0
+EXIT_CLOSE_WAIT = 1.0  # seconds the process exit waits for kept connections to close
 
 
 class _Client(asyncssh.SSHClient):
@@ -59,6 +78,7 @@ class Connection:
         self.lost = asyncio.Event()
         # per-connection singletons (remote agents), or futures of them
         self.resources: dict[Any, Any] = {}
+        self._jump_sessions: list[asyncio.Task[None]] = []
 
     async def open(
         self,
@@ -86,16 +106,27 @@ class Connection:
                 opened.append(conn)
                 if on_hop is not None:
                     on_hop(index, time.monotonic() - hop_started)
+                if not is_last:  # meanwhile, the next hop's handshake goes on
+                    self._jump_sessions.append(
+                        asyncio.ensure_future(_nodelay_session(conn, self.target.hops[index]))
+                    )
         except BaseException:
+            self._cancel_jump_sessions()
             await _close_all(opened)
             raise
         self.ssh, self.jumps = opened[-1], opened[:-1]
+
+    def _cancel_jump_sessions(self) -> None:
+        for task in self._jump_sessions:
+            task.cancel()
+        self._jump_sessions = []
 
     def _connection_lost(self, exc: Exception | None) -> None:
         self.lost.set()
 
     async def close(self) -> None:
         """Close the target connection, then the jump connections in reverse order."""
+        self._cancel_jump_sessions()
         for resource in list(self.resources.values()):
             if isinstance(resource, asyncio.Future):
                 if not resource.done():
@@ -113,10 +144,17 @@ class Connection:
 
 
 class ConnectionPool:
-    """One shared :class:`Connection` per target for the whole process (package loop only)."""
+    """One shared :class:`Connection` per target for the whole process (package loop only).
+
+    A connection whose last user let go is kept for its ``persist`` seconds, so that the
+    next kernel on that target pays no SSH handshake; while kept it holds the package loop
+    (:mod:`.loop`), a daemon thread, so it never delays the exit of the process, and
+    :meth:`close_idle` (run at exit) closes it.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[Target, asyncio.Future[Connection]] = {}
+        self._idle: dict[Connection, asyncio.TimerHandle] = {}
 
     async def acquire(
         self, target: Target, connect_timeout: float, keepalive_interval: float
@@ -124,7 +162,7 @@ class ConnectionPool:
         """Return the live connection to ``target``, connecting if there is none."""
         entry = self._entries.get(target)
         if entry is not None and entry.done() and entry.result().lost.is_set():
-            del self._entries[target]
+            self._forget(entry.result())
             entry = None
         if entry is None:
             entry = asyncio.get_running_loop().create_future()
@@ -143,20 +181,73 @@ class ConnectionPool:
             entry.set_result(connection)
         connection = await asyncio.shield(entry)
         connection.users += 1
+        self._wake(connection)
         return connection
 
-    async def release(self, connection: Connection) -> None:
-        """Drop one user; the last one closes the connection."""
+    async def release(self, connection: Connection, persist: float = 0.0) -> None:
+        """Drop one user; the last one closes the connection, or keeps it ``persist`` s."""
         connection.users -= 1
         if connection.users > 0:
             return
+        if persist > 0 and not connection.lost.is_set() and connection.ssh is not None:
+            loop.acquire()  # the kept connection needs the loop running
+            self._idle[connection] = asyncio.get_running_loop().call_later(
+                persist, lambda: asyncio.ensure_future(self._expire(connection))
+            )
+            log.debug(
+                "keeping the SSH connection to %s for %g s", connection.target.describe(), persist
+            )
+            return
+        self._forget(connection)
+        await connection.close()
+
+    def _wake(self, connection: Connection) -> None:
+        """A kept connection got a user again: it is no longer idle."""
+        timer = self._idle.pop(connection, None)
+        if timer is not None:
+            timer.cancel()
+            loop.release()
+
+    def _forget(self, connection: Connection) -> None:
+        """Take ``connection`` out of the pool (it is closing or lost)."""
+        self._wake(connection)
         entry = self._entries.get(connection.target)
         if entry is not None and entry.done() and entry.result() is connection:
             del self._entries[connection.target]
-        await connection.close()
+
+    async def _expire(self, connection: Connection) -> None:
+        if connection.users == 0 and connection in self._idle:
+            self._forget(connection)
+            await connection.close()
+
+    def has_idle(self) -> bool:
+        """Whether a connection is being kept with no user."""
+        return bool(self._idle)
+
+    async def close_idle(self) -> None:
+        """Close every kept connection now (at process exit, or in tests)."""
+        idle = list(self._idle)
+        for connection in idle:
+            self._forget(connection)
+        await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
 
 
 POOL = ConnectionPool()
+
+
+def close_kept_connections(timeout: float = EXIT_CLOSE_WAIT) -> None:
+    """Close the connections kept after their last kernel, waiting at most ``timeout`` s.
+
+    Registered with atexit, so the process exit waits at most a moment; the remote side
+    also ends its half when the process is gone and the TCP connection with it.
+    """
+    if not POOL.has_idle():
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(POOL.close_idle(), loop.get()).result(timeout)
+
+
+atexit.register(close_kept_connections)
 
 
 @contextlib.asynccontextmanager
@@ -188,12 +279,13 @@ async def _connect_hop(
         "port": hop.port,
         "username": hop.user,
         "config": list(target.config_paths),
-        "tunnel": tunnel,
+        "tunnel": _WideTunnel(tunnel) if tunnel is not None else None,
         "known_hosts": _known_hosts(hop),
         "keepalive_interval": keepalive_interval,
         "keepalive_count_max": KEEPALIVE_COUNT_MAX,
         "connect_timeout": connect_timeout,
         "client_factory": lambda: _Client(on_lost),
+        "window": WINDOW,
     }
     keys = [path for path in hop.identity_files if os.path.isfile(path)]
     if keys:
@@ -206,6 +298,64 @@ async def _connect_hop(
         raise
     except Exception as exc:
         raise explain(exc, target, index, connect_timeout) from exc
+
+
+class _WideTunnel:
+    """Opens the next hop's TCP stream through a jump connection with a window of WINDOW
+    (asyncssh's own tunnels use 2 MiB, which caps every kernel behind that jump host)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+        self._conn = conn
+
+    async def create_connection(
+        self, session_factory: Any, remote_host: str, remote_port: int
+    ) -> tuple[Any, Any]:
+        return await self._conn.create_connection(
+            session_factory, remote_host, remote_port, window=WINDOW
+        )
+
+
+async def _nodelay_session(conn: asyncssh.SSHClientConnection, hop: Hop) -> None:
+    """Run one empty session on a jump host: its sshd then sets TCP_NODELAY toward us.
+
+    Without it, the jump host's sshd (which only forwards) keeps Nagle's algorithm on, and
+    each of a kernel's small messages sent in a burst waits for our delayed ACK (~40 ms).
+    A jump host that refuses sessions (MaxSessions 0, a forwarding-only account) gets
+    TCP_QUICKACK after every read instead, on Linux: then a burst waits one round trip.
+    """
+    try:
+        channel, _ = await asyncio.wait_for(
+            conn.create_session(asyncssh.SSHClientSession, NODELAY_COMMAND), NODELAY_TIMEOUT
+        )
+    except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+        quick = _ack_every_read(conn)
+        log.info(
+            "jump host %s refuses sessions (%s): its sshd keeps Nagle's algorithm on; %s",
+            hop.label,
+            getattr(exc, "reason", None) or type(exc).__name__,
+            "acknowledging its packets at once instead"
+            if quick
+            else "round trips through it may take up to 40 ms longer",
+        )
+        return
+    channel.close()  # the command has been started: sshd has switched already
+
+
+def _ack_every_read(conn: asyncssh.SSHClientConnection) -> bool:
+    """Send TCP ACKs for the first hop's socket at once after each read (Linux only)."""
+    sock = conn.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or quickack is None:
+        return False
+    received = conn.data_received
+
+    def data_received(data: bytes, datatype: int | None = None) -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        received(data, datatype)
+
+    conn.data_received = data_received  # type: ignore[method-assign]
+    return True
 
 
 def _known_hosts(hop: Hop) -> Any:

@@ -17,6 +17,8 @@ from functools import partial
 import asyncssh
 from asyncssh.forward import SSHForwarder, SSHLocalPortForwarder
 
+from .ssh import WINDOW
+
 log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
@@ -37,8 +39,17 @@ class _Forwarder(SSHLocalPortForwarder):
     async def _open(self, session_factory: object, _host: str, _port: int) -> object:
         conn = self._conn
         if isinstance(self._dest, int):
-            return await conn.create_connection(session_factory, LOOPBACK, self._dest)  # type: ignore[arg-type]
-        return await conn.create_unix_connection(session_factory, self._dest)  # type: ignore[arg-type]
+            return await conn.create_connection(
+                session_factory,  # type: ignore[arg-type]
+                LOOPBACK,
+                self._dest,
+                window=WINDOW,
+            )
+        return await conn.create_unix_connection(
+            session_factory,  # type: ignore[arg-type]
+            self._dest,
+            window=WINDOW,
+        )
 
     def close(self) -> None:
         self._tunnel.active.discard(self)

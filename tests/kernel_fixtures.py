@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from jupyter_remote_provisioner import ssh
+
 from kernels import Leftovers, write_spec
 
 _names = itertools.count(1)
@@ -90,9 +92,19 @@ def jump_spec(topology, kernels_dir: Path, request: pytest.FixtureRequest) -> Ca
     return _spec_factory(kernels_dir, request, base)
 
 
+@pytest.fixture(autouse=True)
+def close_kept_connections() -> Iterator[None]:
+    """After each test, close the SSH connections kept for a next kernel (connection_persist),
+    as the end of the process would: every test starts without one."""
+    yield
+    ssh.close_kept_connections(timeout=10)
+
+
 @pytest.fixture
-def no_leftovers(remote_tmp: Path) -> Iterator[Leftovers]:
-    """Fail the test if it leaves a listener, thread, remote process or remote file behind."""
+def no_leftovers(remote_tmp: Path, close_kept_connections: None) -> Iterator[Leftovers]:
+    """Fail the test if it leaves a listener, thread, remote process or remote file behind,
+    once the connections kept for a next kernel are closed (as at the end of the process)."""
     snapshot = Leftovers.snapshot(remote_tmp)
     yield snapshot
+    ssh.close_kept_connections(timeout=10)
     snapshot.assert_clean()

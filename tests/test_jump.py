@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import socket
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from drivers import KINDS, Driver
 from kernels import run_cell
 from netns import BASTION_ADDR, TARGET_ADDR
+from sshd import SshServer
 
 pytestmark = pytest.mark.timeout(120)
+
+SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
+NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
+RESTRICTED_PORT = 2222
 
 WHERE = "import os; print(os.environ['SSH_CONNECTION'])"
 
@@ -77,3 +88,88 @@ def test_poll_needs_no_network(jump_spec, topology, no_leftovers, kind):
         driver.shutdown()
     finally:
         driver.close()
+
+
+def socket_option(pid: int, level: int, option: int) -> set[int]:
+    """The values of a socket option on the TCP sockets process ``pid`` holds (pidfd_getfd)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    values = set()
+    pidfd = os.pidfd_open(pid)
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            copy = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(fd), 0)
+            if copy < 0:
+                continue
+            sock = socket.socket(fileno=copy)
+            try:
+                if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM:
+                    values.add(sock.getsockopt(level, option))
+            finally:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return values
+
+
+def test_bastion_forwards_without_nagle_delay(jump_spec, topology):
+    """A kernel's replies come in bursts of small messages; the bastion's sshd must send
+    each at once (TCP_NODELAY) instead of holding it for our delayed ACK (~40 ms a burst).
+    OpenSSH's sshd sets it only once a session ran on the connection, so one does."""
+    driver = Driver("async", jump_spec())
+    try:
+        driver.start()
+        run_cell(driver.client(), "pass")
+        sessions = topology.bastion.session_pids()
+        assert sessions, "no sshd process on the bastion holds our connection"
+        assert {v for pid in sessions for v in socket_option(pid, *NODELAY)} == {1}
+        driver.shutdown()
+    finally:
+        driver.close()
+
+
+@pytest.fixture(scope="module")
+def forwarding_only_bastion(topology, tmp_path_factory):
+    """A second sshd on the bastion that refuses every session and only forwards
+    (MaxSessions 0, as restricted bastions do), and a known_hosts that trusts it."""
+    d = tmp_path_factory.mktemp("restricted")
+    server = SshServer(
+        d / "sshd",
+        Path(f"{topology.identity_file}.pub"),
+        BASTION_ADDR,
+        port=RESTRICTED_PORT,
+        netns=topology.topology.bastion,
+        extra_config=["Match all", "MaxSessions 0"],
+    )
+    server.start()
+    known_hosts = d / "known_hosts"
+    known_hosts.write_text(topology.known_hosts.read_text() + server.known_hosts_line())
+    try:
+        yield server, known_hosts
+    finally:
+        server.close()
+
+
+def test_bastion_that_refuses_sessions(jump_spec, topology, forwarding_only_bastion, caplog):
+    """Through a forwarding-only bastion the kernel works as usual; the log says why its
+    round trips may be slower."""
+    known_hosts = forwarding_only_bastion[1]
+    refused = subprocess.run(
+        ["ssh", "-F", str(topology.ssh_config), "-o", f"UserKnownHostsFile={known_hosts}",
+         "-p", str(RESTRICTED_PORT), BASTION_ADDR, "true"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0, "the restricted bastion ran a command"
+    name = jump_spec(
+        jump=[f"{topology.user}@{BASTION_ADDR}:{RESTRICTED_PORT}"],
+        known_hosts=str(known_hosts),
+        identity_file=str(topology.identity_file),
+    )
+    with caplog.at_level(logging.INFO, logger="jupyter_remote_provisioner"):
+        client_ip, _, server_ip, _ = run_remote("async", name).split()
+    assert (client_ip, server_ip) == ("198.18.2.1", TARGET_ADDR)
+    assert any("refuses sessions" in r.getMessage() for r in caplog.records), caplog.text
