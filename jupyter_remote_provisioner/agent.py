@@ -181,22 +181,42 @@ class RemoteAgent:
         keepalive_interval: float,
     ) -> RemoteAgent:
         """Run the agent with ``python`` on ``conn``, wait for its hello, start keepalives."""
+        agent = await cls.open(conn, python, host_label, keepalive_interval)
+        await agent.ready(timeout)
+        return agent
+
+    @classmethod
+    async def open(
+        cls,
+        conn: asyncssh.SSHClientConnection,
+        python: str,
+        host_label: str,
+        keepalive_interval: float,
+    ) -> RemoteAgent:
+        """Run the agent with ``python`` on ``conn`` and start keepalives, without waiting for
+        its hello: requests sent meanwhile wait in the channel, so the first one costs no
+        extra round trip. :meth:`ready` says whether the agent did start."""
         agent = cls(python, host_label)
-        # The session sends the bundle (see _Session.connection_made); if that fails, the
-        # hello wait below says why.
+        # The session sends the bundle (see _Session.connection_made).
         await conn.create_session(lambda: _Session(agent), remote_command(python), encoding=None)
-        try:
-            agent.hello = await asyncio.wait_for(asyncio.shield(agent._hello), timeout)
-        except asyncio.TimeoutError:
-            await agent.close()
-            raise LaunchError(
-                f"remote python {python} on {host_label} did not start within {timeout:g} s"
-            ) from None
-        except AgentLost:
-            raise agent._start_failure() from None
         if keepalive_interval > 0:
             agent._keepalive = asyncio.ensure_future(agent._send_keepalives(keepalive_interval))
         return agent
+
+    async def ready(self, timeout: float) -> dict[str, Any]:
+        """The agent's hello (its python, ipykernel, client id), or a LaunchError that says
+        why it did not start within ``timeout`` seconds."""
+        try:
+            self.hello = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise LaunchError(
+                f"remote python {self.python} on {self.host_label} did not start within "
+                f"{timeout:g} s"
+            ) from None
+        except AgentLost:
+            raise self._start_failure() from None
+        return self.hello
 
     async def _send_keepalives(self, interval: float) -> None:
         """One line every ``interval`` s, so the remote side can tell a dead link."""
@@ -258,6 +278,7 @@ class RemoteAgent:
             return
         event = message.get("event")
         if event == "hello" and not self._hello.done():
+            self.hello = message  # before any reply: requests may have been sent already
             self._hello.set_result(message)
         elif event == "exited":
             callback = self._exit_callbacks.pop(str(message.get("kernel")), None)

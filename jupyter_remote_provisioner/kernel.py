@@ -105,6 +105,7 @@ class RemoteKernel:
         try:
             await self._connect()
             if settings.upload:
+                await self._agent_ready()
                 await self._upload(local_dir, where.cwd)
             await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
@@ -148,7 +149,13 @@ class RemoteKernel:
             )
             self.log.info("SSH connection to %s ready", settings.target.describe())
         self._agent = await _agent_for(self._conn, settings)
-        if not settings.kernel_argv and not self._agent.hello.get("ipykernel"):
+
+    async def _agent_ready(self) -> None:
+        """Wait for the agent's hello; fail with one line if it cannot run the kernel."""
+        assert self._agent is not None
+        settings = self.settings
+        hello = await self._agent.ready(settings.connect_timeout)
+        if not settings.kernel_argv and not hello.get("ipykernel"):
             python = settings.python
             raise LaunchError(
                 f"ipykernel is not installed for {python} on {settings.target.host.label}; "
@@ -185,14 +192,16 @@ class RemoteKernel:
     async def _launch(
         self, session: Mapping[str, Any], env: Mapping[str, str], where: Placement
     ) -> dict[str, Any]:
+        """Ask the agent to start the kernel; sent before the agent's hello arrived (on a new
+        connection), so that its start and the kernel's overlap the round trip."""
         assert self._agent is not None
         settings = self.settings
         key = session["key"]
         self._agent.on_exit(self.kernel_id, self._on_exit)
-        try:
-            return await self._agent.request(
+        launch = asyncio.ensure_future(
+            self._agent.request(
                 "launch",
-                reply_timeout=settings.launch_timeout + 5,
+                reply_timeout=settings.launch_timeout + settings.connect_timeout + 5,
                 kernel=self.kernel_id,
                 argv=settings.argv(),
                 env={**env, **settings.env},
@@ -207,6 +216,21 @@ class RemoteKernel:
                     "kernel_name": session.get("kernel_name", ""),
                 },
             )
+        )
+        try:
+            await self._agent_ready()
+        except LaunchError:
+            # the launch fails remotely too (no python, no ipykernel): wait for that, so
+            # that nothing of it is left when the connection closes
+            await asyncio.wait([launch], timeout=settings.launch_timeout)
+            if not launch.done():
+                launch.cancel()
+            elif not launch.cancelled():
+                launch.exception()  # retrieved: the hello's failure is the one to report
+            self._agent.on_exit(self.kernel_id, None)
+            raise
+        try:
+            return await launch
         except AgentError as exc:
             self._agent.on_exit(self.kernel_id, None)
             raise self._launch_failure(exc.reply) from None
@@ -424,8 +448,8 @@ async def _agent_for(conn: Connection, settings: KernelSettings) -> RemoteAgent:
     if existing is None or _unusable(existing):
         assert conn.ssh is not None
         pending = asyncio.ensure_future(
-            RemoteAgent.start(conn.ssh, settings.python, settings.target.host.label,
-                              settings.connect_timeout, settings.keepalive_interval)
+            RemoteAgent.open(conn.ssh, settings.python, settings.target.host.label,
+                             settings.keepalive_interval)
         )  # fmt: skip
         conn.resources[key] = pending
     else:
