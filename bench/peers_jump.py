@@ -1,0 +1,273 @@
+"""The jump peer benchmark: local, this package direct / through 1 and 2 jumps, sshpyk.
+
+For each one-way delay between this machine and the bastion (``topology.py``), one table:
+a local ipykernel (the yardstick), this package to the bastion itself (``direct``), to the
+target through the bastion (``1 jump``) and through the bastion and ``jump2`` (``2 jumps``),
+and sshpyk to the target with ``ProxyJump`` through the bastion. Run by ``bench_peers.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import bench_kernels as bk
+from bench_kernels import RTT_BLOCK, Kernels, interrupt, progress, round_trip, stream
+from peers_common import (
+    RETRIES,
+    Figure,
+    TrackedKernels,
+    fmt,
+    fmt_ratio,
+    have_sshpyk,
+    header,
+    machine_info,
+    run_bounded,
+    start_kernel,
+)
+from topology import SIDES, JumpEnvironment, Route
+
+LABEL = {"local": "local", "direct": "direct", "jump1": "1 jump", "jump2": "2 jumps",
+         "sshpyk": "sshpyk (1 jump)"}  # fmt: skip
+ROUTE_LIMIT = 300.0  # seconds for the measurements of one delay
+
+
+@dataclass
+class Params:
+    restarts: int = 2  # starts after a shutdown before the main kernel's (which counts too)
+    warm_starts: int = 3
+    round_trips: int = 100
+    stream_mib: int = 16
+    stream_runs: int = 3
+    interrupts: int = 3
+
+
+QUICK = Params(restarts=0, warm_starts=1, round_trips=25, stream_runs=1, interrupts=1)
+TIME_LIKE = ("cold_start", "restart", "warm_start", "rtt_median", "rtt_p90", "interrupt",
+             "shutdown_last", "shutdown_busy")  # fmt: skip
+
+
+def make_figures(p: Params) -> dict[str, Figure]:
+    figures = [
+        Figure("cold_start", "cold start to ready (1st kernel of the side)", "s", stat="single"),
+        Figure("restart", "start after the previous kernel was shut down (median of "
+               f"{p.restarts + 1})", "s"),
+        Figure("warm_start", f"warm start while another kernel lives (median of {p.warm_starts})",
+               "s"),
+        Figure("rtt_median", f"execute round trip, median of {p.round_trips}", "ms"),
+        Figure("rtt_p90", f"execute round trip, p90 of {p.round_trips}", "ms", stat="p90"),
+        Figure("stream", f"stream {p.stream_mib} MiB stdout, median of {p.stream_runs} "
+               "(higher is better)", "MiB/s", higher_is_better=True),
+        Figure("interrupt", f"interrupt to KeyboardInterrupt (median of {p.interrupts})", "ms"),
+        Figure("shutdown_last", "graceful shutdown, no other kernel of the side (median of "
+               f"{p.restarts + 2})", "s"),
+        Figure("shutdown_busy", f"graceful shutdown, another kernel lives (median of "
+               f"{p.warm_starts})", "s"),
+    ]  # fmt: skip
+    return {f.key: f for f in figures}
+
+
+# -- the run -----------------------------------------------------------------------------
+
+
+async def start_stop(kernels: Kernels, route: Route, side: str, figures: dict[str, Figure],
+                     start_key: str, stop_key: str) -> None:  # fmt: skip
+    """Start a kernel of ``side`` (timed as ``start_key``), then shut it down (``stop_key``)."""
+    km, kc, seconds = await start_kernel(kernels, route.specs[side], side)
+    figures[start_key].add(side, seconds)
+    down = await kernels.shutdown(km, kc)
+    figures[stop_key].add(side, down)
+    progress(f"{route.name} {side}: {start_key} {seconds:.2f} s, shutdown {down:.2f} s")
+
+
+async def measure(
+    p: Params, route: Route, figures: dict[str, Figure], kernels: Kernels, sides: tuple[str, ...]
+) -> None:
+    # Sides interleaved throughout, so drift hits them alike. No kernel of a side lives
+    # until its main kernel starts: the starts before it are cold or follow a shutdown.
+    for side in sides:
+        await start_stop(kernels, route, side, figures, "cold_start", "shutdown_last")
+    for _ in range(p.restarts):
+        for side in sides:
+            await start_stop(kernels, route, side, figures, "restart", "shutdown_last")
+    main = {}
+    for side in sides:  # the long-lived kernels: also started after a shutdown
+        km, kc, seconds = await start_kernel(kernels, route.specs[side], side)
+        figures["restart"].add(side, seconds)
+        main[side] = (km, kc)
+        progress(f"{route.name} {side}: main kernel started in {seconds:.2f} s")
+    for _ in range(p.warm_starts):
+        for side in sides:
+            await start_stop(kernels, route, side, figures, "warm_start", "shutdown_busy")
+
+    for side in sides:  # warm-up, not counted
+        km, kc = main[side]
+        for _ in range(5):
+            await round_trip(kc)
+        await stream(kc, 4)
+        await interrupt(km, kc)  # the first KeyboardInterrupt of a kernel is slower
+    # Round trips in alternating blocks: per-sample alternation would let one kernel's
+    # after-reply work steal CPU from the other's sample.
+    for start in range(0, p.round_trips, RTT_BLOCK):
+        for side in sides:
+            for _ in range(min(RTT_BLOCK, p.round_trips - start)):
+                ms = await round_trip(main[side][1]) * 1000
+                figures["rtt_median"].add(side, ms)
+                figures["rtt_p90"].add(side, ms)
+    for side in sides:
+        samples = figures["rtt_median"].samples[side]
+        progress(f"{route.name} {side}: round trip median {statistics.median(samples):.1f} ms")
+    for _ in range(p.stream_runs):
+        for side in sides:
+            rate = await stream(main[side][1], p.stream_mib)
+            figures["stream"].add(side, rate)
+            progress(f"{route.name} {side}: stream {rate:.1f} MiB/s")
+    for _ in range(p.interrupts):
+        for side in sides:
+            ms = await interrupt(*main[side]) * 1000
+            figures["interrupt"].add(side, ms)
+            progress(f"{route.name} {side}: interrupt {ms:.1f} ms")
+    for side in sides:
+        down = await kernels.shutdown(*main[side])
+        figures["shutdown_last"].add(side, down)
+        progress(f"{route.name} {side}: main kernel shut down in {down:.2f} s")
+
+
+async def run(
+    p: Params,
+    env: JumpEnvironment,
+    figures: dict[str, dict[str, Figure]],
+    kernels: Kernels,
+    sides: tuple[str, ...],
+) -> None:
+    # Import both provisioners now: the first cold start would otherwise include it.
+    import jupyter_remote_provisioner.provisioner  # noqa: F401
+
+    if "sshpyk" in sides:
+        import sshpyk.provisioning  # noqa: F401
+    for route in env.routes:
+        progress(f"one-way delay {route.name} to the bastion ({route.bastion})")
+        work = functools.partial(measure, p, route, figures[route.name], kernels, sides)
+        await run_bounded(kernels, work, ROUTE_LIMIT)
+        if "sshpyk" in sides:  # its ControlMasters would idle on through the next delay
+            await asyncio.to_thread(env.stop_sshpyk, route)
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def seconds(f: Figure, side: str) -> float | None:
+    value = f.value(side)
+    if value is None:
+        return None
+    return value / 1000 if f.unit == "ms" else value
+
+
+def rtt_multiple(f: Figure, side: str, rtt: float) -> float | None:
+    """N such that ``side``'s figure = local's + N x RTT (time-like figures only)."""
+    a, b = seconds(f, side), seconds(f, "local")
+    if f.key not in TIME_LIKE or a is None or b is None or rtt <= 0:
+        return None
+    return (a - b) / rtt
+
+
+def table_rows(route: Route, figures: dict[str, Figure]) -> list[tuple[str, ...]]:
+    rtt = 2 * route.delay_ms / 1000
+    head = ("figure", "unit", *(LABEL[s] for s in SIDES), "1 jump / direct", "1 jump / sshpyk")
+    rows = [head + (("1 jump = local + N x RTT",) if rtt else ())]
+    for f in figures.values():
+        ratios = (fmt_ratio(f.ratio("jump1", "direct")), fmt_ratio(f.ratio("jump1", "sshpyk")))
+        row = (f.label, f.unit, *(fmt(f.value(s), f.unit) for s in SIDES), *ratios)
+        if rtt:
+            n = rtt_multiple(f, "jump1", rtt)
+            row += ("" if n is None else f"local + {n:.1f} x RTT",)
+        rows.append(row)
+    return rows
+
+
+def print_tables(
+    info: dict[str, str], routes: list[Route], figures: dict[str, dict[str, Figure]], quick: bool
+) -> None:
+    print("\n".join(header(info, quick)))
+    for route in routes:
+        rtt_ms = 2 * route.delay_ms
+        print(f"\none-way delay {route.delay_ms:g} ms this machine <-> bastion (RTT {rtt_ms:g} ms"
+              f" added; ssh alias {route.bastion})")  # fmt: skip
+        rows = table_rows(route, figures[route.name])
+        bk.print_rows(rows, numeric=range(2, len(rows[0])))
+        if not rtt_ms:
+            continue
+        for key, what in (("cold_start", "cold start"), ("restart", "start after shut down")):
+            for side in ("direct", "jump1", "jump2"):
+                n = rtt_multiple(figures[route.name][key], side, rtt_ms / 1000)
+                if n is not None:
+                    print(f"{what}, {LABEL[side]}: local + {n:.1f} round trips of {rtt_ms:g} ms")
+
+
+def results_json(
+    info: dict[str, str],
+    routes: list[Route],
+    figures: dict[str, dict[str, Figure]],
+    p: Params,
+    quick: bool,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"machine": info, "quick": quick, "params": p.__dict__,
+                           "retried_starts": RETRIES, "delays": {}}  # fmt: skip
+    for route in routes:
+        rtt = 2 * route.delay_ms / 1000
+        out["delays"][route.name] = {
+            "one_way_delay_ms": route.delay_ms,
+            "bastion_alias": route.bastion,
+            "kernelspecs": route.specs,
+            "figures": {
+                f.key: {
+                    "label": f.label,
+                    "unit": f.unit,
+                    "higher_is_better": f.higher_is_better,
+                    **{s: f.value(s) for s in SIDES},
+                    "jump1/direct": f.ratio("jump1", "direct"),
+                    "jump1/sshpyk": f.ratio("jump1", "sshpyk"),
+                    "rtt_multiples": {s: rtt_multiple(f, s, rtt) for s in SIDES[1:]}
+                    if rtt
+                    else None,
+                    "samples": f.samples,
+                }
+                for f in figures[route.name].values()
+            },
+        }
+    return out
+
+
+def main(args: Any) -> int:
+    if os.geteuid() != 0:
+        print("the jump topology needs root (network namespaces); --loopback does not",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    p = QUICK if args.quick else Params()
+    info = machine_info()
+    with_sshpyk = have_sshpyk(info)
+    sides = SIDES if with_sshpyk else SIDES[:-1]
+    if not with_sshpyk:
+        progress("sshpyk or the ssh client is not installed: its column stays n/a")
+    env = JumpEnvironment(args.delays, with_sshpyk)
+    figures = {f"{d:g}ms": make_figures(p) for d in args.delays}
+    kernels = TrackedKernels(())
+
+    async def work() -> None:
+        kernels.remote.update(env.remote_specs())
+        await run(p, env, figures, kernels, sides)
+
+    def report() -> None:
+        print_tables(info, env.routes, figures, args.quick)
+        for retry in RETRIES:
+            print(f"retried a start that failed: {retry}")
+
+    return bk.measure_and_report(
+        args, env, kernels, work, report,
+        lambda: results_json(info, env.routes, figures, p, args.quick),
+    )  # fmt: skip
