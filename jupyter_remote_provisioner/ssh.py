@@ -162,7 +162,10 @@ class ConnectionPool:
         """Return the live connection to ``target``, connecting if there is none."""
         entry = self._entries.get(target)
         if entry is not None and entry.done() and entry.result().lost.is_set():
-            self._forget(entry.result())
+            lost = entry.result()
+            self._drop(lost)
+            if lost in self._idle:  # lost while kept: nobody else will close it
+                asyncio.ensure_future(self._close_kept(lost))
             entry = None
         if entry is None:
             entry = asyncio.get_running_loop().create_future()
@@ -181,7 +184,8 @@ class ConnectionPool:
             entry.set_result(connection)
         connection = await asyncio.shield(entry)
         connection.users += 1
-        self._wake(connection)
+        if self._unkeep(connection):  # a kept connection is in use again
+            loop.release()
         return connection
 
     async def release(self, connection: Connection, persist: float = 0.0) -> None:
@@ -192,33 +196,37 @@ class ConnectionPool:
         if persist > 0 and not connection.lost.is_set() and connection.ssh is not None:
             loop.acquire()  # the kept connection needs the loop running
             self._idle[connection] = asyncio.get_running_loop().call_later(
-                persist, lambda: asyncio.ensure_future(self._expire(connection))
+                persist, lambda: asyncio.ensure_future(self._close_kept(connection))
             )
-            log.debug(
-                "keeping the SSH connection to %s for %g s", connection.target.describe(), persist
-            )
+            log.debug("keeping the SSH connection to %s for %g s", connection.target.describe(),
+                      persist)  # fmt: skip
             return
-        self._forget(connection)
+        self._drop(connection)
         await connection.close()
 
-    def _wake(self, connection: Connection) -> None:
-        """A kept connection got a user again: it is no longer idle."""
+    def _unkeep(self, connection: Connection) -> bool:
+        """Stop keeping ``connection``; True if it was kept (its hold on the loop is then
+        the caller's to release)."""
         timer = self._idle.pop(connection, None)
         if timer is not None:
             timer.cancel()
-            loop.release()
+        return timer is not None
 
-    def _forget(self, connection: Connection) -> None:
-        """Take ``connection`` out of the pool (it is closing or lost)."""
-        self._wake(connection)
+    def _drop(self, connection: Connection) -> None:
+        """Take ``connection`` out of the pool: no new user gets it."""
         entry = self._entries.get(connection.target)
         if entry is not None and entry.done() and entry.result() is connection:
             del self._entries[connection.target]
 
-    async def _expire(self, connection: Connection) -> None:
-        if connection.users == 0 and connection in self._idle:
-            self._forget(connection)
+    async def _close_kept(self, connection: Connection) -> None:
+        """Close a kept connection, then let go of the loop it held."""
+        if connection.users > 0 or not self._unkeep(connection):
+            return
+        self._drop(connection)
+        try:
             await connection.close()
+        finally:
+            loop.release()
 
     def has_idle(self) -> bool:
         """Whether a connection is being kept with no user."""
@@ -226,10 +234,7 @@ class ConnectionPool:
 
     async def close_idle(self) -> None:
         """Close every kept connection now (at process exit, or in tests)."""
-        idle = list(self._idle)
-        for connection in idle:
-            self._forget(connection)
-        await asyncio.gather(*(c.close() for c in idle), return_exceptions=True)
+        await asyncio.gather(*(self._close_kept(c) for c in list(self._idle)))
 
 
 POOL = ConnectionPool()
