@@ -127,15 +127,17 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self._buffer = b""
 
     def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
-        """The channel is open: send the bundle right behind the exec request.
+        """The channel is open: the bundle and the first requests go right behind the exec
+        request.
 
         asyncssh calls this, then sends the exec request without yielding to the loop, so
-        a write scheduled here follows the request on the wire instead of waiting one round
-        trip for its reply (sshd runs the command before it reads the next packet, as for
-        OpenSSH's own client). A test of every kernel start would fail if that changed.
+        what is written from a callback scheduled here follows the request on the wire
+        instead of waiting one round trip for its reply (sshd runs the command before it
+        reads the next packet, as for OpenSSH's own client). Every kernel start in the
+        tests would fail if that changed.
         """
         self._agent._channel = chan
-        asyncio.get_running_loop().call_soon(self._agent._write, bootstrap_input())
+        asyncio.get_running_loop().call_soon(self._agent._exec_sent)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         if datatype == asyncssh.EXTENDED_DATA_STDERR:
@@ -169,6 +171,7 @@ class RemoteAgent:
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._exit_callbacks: dict[str, ExitCallback] = {}
         self._hello = asyncio.get_running_loop().create_future()
+        self._opened = asyncio.get_running_loop().create_future()  # exec request sent
         self._keepalive: asyncio.Task[None] | None = None
 
     @classmethod
@@ -193,15 +196,37 @@ class RemoteAgent:
         host_label: str,
         keepalive_interval: float,
     ) -> RemoteAgent:
-        """Run the agent with ``python`` on ``conn`` and start keepalives, without waiting for
-        its hello: requests sent meanwhile wait in the channel, so the first one costs no
-        extra round trip. :meth:`ready` says whether the agent did start."""
+        """Run the agent with ``python`` on ``conn`` and start keepalives, as soon as the
+        exec request is sent: requests written meanwhile follow the bundle in the channel,
+        so neither the exec's reply nor the agent's hello costs a round trip before them.
+        :meth:`ready` says whether the agent did start."""
         agent = cls(python, host_label)
-        # The session sends the bundle (see _Session.connection_made).
-        await conn.create_session(lambda: _Session(agent), remote_command(python), encoding=None)
+        session = asyncio.ensure_future(
+            conn.create_session(lambda: _Session(agent), remote_command(python), encoding=None)
+        )
+        try:
+            await asyncio.wait([session, agent._opened], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            session.cancel()
+            raise
+        if session.done():
+            session.result()  # the session was refused: raise why
+        session.add_done_callback(agent._exec_answered)
         if keepalive_interval > 0:
             agent._keepalive = asyncio.ensure_future(agent._send_keepalives(keepalive_interval))
         return agent
+
+    def _exec_sent(self) -> None:
+        """Right behind the exec request: the bundle, then whatever requests are waiting."""
+        self._write(bootstrap_input())
+        if not self._opened.done():
+            self._opened.set_result(None)
+
+    def _exec_answered(self, session: asyncio.Future[Any]) -> None:
+        """The exec request's reply: a refusal closes the channel, and says why."""
+        if not session.cancelled() and session.exception() is not None:
+            reason = getattr(session.exception(), "reason", "") or "refused"
+            self.stderr += f"the SSH server did not run it: {reason}"
 
     async def ready(self, timeout: float) -> dict[str, Any]:
         """The agent's hello (its python, ipykernel, client id), or a LaunchError that says
