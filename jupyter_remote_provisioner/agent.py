@@ -257,21 +257,23 @@ class RemoteAgent:
         self, op: str, reply_timeout: float | None = None, **fields: Any
     ) -> dict[str, Any]:
         """Send one request; return its reply or raise AgentError / AgentLost / TimeoutError."""
-        if self.closed.is_set() or self._channel is None:
-            raise AgentLost(f"the remote agent on {self.host_label} is gone")
-        request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        if not self._write(json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"):
-            self._pending.pop(request_id, None)
-            raise AgentLost(f"the remote agent on {self.host_label} is gone")
-        try:
-            reply = await asyncio.wait_for(future, reply_timeout)
-        finally:
-            self._pending.pop(request_id, None)
+        reply = await asyncio.wait_for(self.send(op, **fields), reply_timeout)
         if not reply.get("ok"):
             raise AgentError(reply)
         return reply
+
+    def send(self, op: str, **fields: Any) -> asyncio.Future[dict[str, Any]]:
+        """Send one request without waiting: the future gets its reply (``ok`` true or false),
+        or AgentLost if the channel closes first. Raises AgentLost if it cannot be sent."""
+        if self.closed.is_set() or self._channel is None:
+            raise AgentLost(f"the remote agent on {self.host_label} is gone")
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        if not self._write(json.dumps({"id": request_id, "op": op, **fields}).encode() + b"\n"):
+            raise AgentLost(f"the remote agent on {self.host_label} is gone")
+        self._pending[request_id] = future
+        future.add_done_callback(lambda _: self._pending.pop(request_id, None))
+        return future
 
     def _write(self, data: bytes) -> bool:
         """Write to the channel; False if it is already closing (its close is on its way)."""
@@ -322,7 +324,7 @@ class RemoteAgent:
         if not self._hello.done():
             self._hello.set_exception(AgentLost())
             self._hello.exception()
-        for future in self._pending.values():
+        for future in list(self._pending.values()):
             if not future.done():
                 future.set_exception(AgentLost(f"the remote agent on {self.host_label} is gone"))
         callbacks, self._exit_callbacks = self._exit_callbacks, {}

@@ -12,6 +12,7 @@ is the kernel reported lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -377,25 +378,30 @@ class RemoteKernel:
         self._set_exited(LOST)
 
     async def signal(self, signum: int) -> None:
-        """Deliver ``signum`` to the kernel's process group on the remote host."""
+        """Deliver ``signum`` to the kernel's process group on the remote host.
+
+        Like ``os.kill`` for a local kernel, this returns once the signal is on its way: the
+        agent's answer is not waited for (jupyter_client interrupts before every shutdown,
+        so waiting would cost each shutdown a round trip); a refusal is logged.
+        """
         if not self._running or self._agent is None:
             return
         try:
-            await self._agent.request(
-                "signal",
-                reply_timeout=self.settings.connect_timeout,
-                kernel=self.kernel_id,
-                signum=int(signum),
-            )
-        except AgentError as exc:
-            self.log.debug("signal %s to kernel %s: %s", signum, self.kernel_id, exc)
-            return
-        except (AgentLost, asyncio.TimeoutError) as exc:
+            answer = self._agent.send("signal", kernel=self.kernel_id, signum=int(signum))
+        except AgentLost as exc:
             raise RemoteKernelError(
                 f"cannot signal the remote kernel on {self.settings.target.host.label}: "
-                f"the SSH connection is down ({exc or 'no answer'})"
+                f"the SSH connection is down ({exc})"
             ) from None
+        answer.add_done_callback(functools.partial(self._signal_answered, signum))
         self.log.info("Sent %s to remote kernel %s", _signal_name(signum), self.kernel_id)
+
+    def _signal_answered(self, signum: int, answer: asyncio.Future[dict[str, Any]]) -> None:
+        if answer.cancelled():
+            return
+        problem = answer.exception() or (None if answer.result().get("ok") else answer.result())
+        if problem is not None:
+            self.log.debug("signal %s to kernel %s: %s", signum, self.kernel_id, problem)
 
     async def wait(self) -> int | None:
         """Wait for the kernel process to exit; return its status."""
