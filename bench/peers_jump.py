@@ -13,9 +13,11 @@ import functools
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import asyncssh
 import bench_kernels as bk
 from bench_kernels import RTT_BLOCK, Kernels, interrupt, progress, round_trip, stream
 from peers_common import (
@@ -32,29 +34,38 @@ from peers_common import (
 )
 from topology import SIDES, JumpEnvironment, Route
 
+from jupyter_remote_provisioner import ssh as jrp_ssh
+
 LABEL = {"local": "local", "direct": "direct", "jump1": "1 jump", "jump2": "2 jumps",
          "sshpyk": "sshpyk (1 jump)"}  # fmt: skip
 ROUTE_LIMIT = 300.0  # seconds for the measurements of one delay
+LINK_PINGS = 20  # refused channel opens that measure the link's round trip
+CLOSED_PORT = 1  # nothing listens there on the bastion: sshd answers "open failed"
+LINK_RTT: dict[str, float] = {}  # route name -> measured round trip to the bastion, seconds
 
 
 @dataclass
 class Params:
+    cold_starts: int = 3  # each after closing every connection the sides keep
     restarts: int = 2  # starts after a shutdown before the main kernel's (which counts too)
     warm_starts: int = 3
-    round_trips: int = 100
+    round_trips: int = 200
     stream_mib: int = 16
     stream_runs: int = 3
     interrupts: int = 3
 
 
-QUICK = Params(restarts=0, warm_starts=1, round_trips=25, stream_runs=1, interrupts=1)
+QUICK = Params(
+    cold_starts=1, restarts=0, warm_starts=1, round_trips=25, stream_runs=1, interrupts=1
+)
 TIME_LIKE = ("cold_start", "restart", "warm_start", "rtt_median", "rtt_p90", "interrupt",
              "shutdown_last", "shutdown_busy")  # fmt: skip
 
 
 def make_figures(p: Params) -> dict[str, Figure]:
     figures = [
-        Figure("cold_start", "cold start to ready (1st kernel of the side)", "s", stat="single"),
+        Figure("cold_start", f"cold start to ready: no SSH connection (median of {p.cold_starts})",
+               "s"),
         Figure("restart", "start after the previous kernel was shut down (median of "
                f"{p.restarts + 1})", "s"),
         Figure("warm_start", f"warm start while another kernel lives (median of {p.warm_starts})",
@@ -85,13 +96,45 @@ async def start_stop(kernels: Kernels, route: Route, side: str, figures: dict[st
     progress(f"{route.name} {side}: {start_key} {seconds:.2f} s, shutdown {down:.2f} s")
 
 
+async def link_rtt(env: JumpEnvironment, route: Route) -> float:
+    """The round trip to the bastion as SSH sees it (median of refused channel opens):
+    the relay's delay both ways plus what the relay and the hops add, with no kernel."""
+    samples = []
+    config = [str(env.ssh / "ssh_config")]
+    async with asyncssh.connect(route.bastion, config=config) as conn:
+        for _ in range(LINK_PINGS):
+            t0 = time.perf_counter()
+            try:
+                await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", CLOSED_PORT)
+            except asyncssh.ChannelOpenError:
+                samples.append(time.perf_counter() - t0)
+            else:
+                raise RuntimeError(f"port {CLOSED_PORT} is open on the bastion")
+    return statistics.median(samples)
+
+
+async def forget_connections(env: JumpEnvironment, route: Route, sides: tuple[str, ...]) -> None:
+    """Close what the sides keep after their last kernel (this package's connections, after
+    connection_persist; sshpyk's ControlMasters), so that the next start is cold."""
+    await asyncio.to_thread(jrp_ssh.close_kept_connections, 10.0)
+    if "sshpyk" in sides:
+        await asyncio.to_thread(env.stop_sshpyk, route)
+
+
 async def measure(
-    p: Params, route: Route, figures: dict[str, Figure], kernels: Kernels, sides: tuple[str, ...]
+    p: Params,
+    env: JumpEnvironment,
+    route: Route,
+    figures: dict[str, Figure],
+    kernels: Kernels,
+    sides: tuple[str, ...],
 ) -> None:
     # Sides interleaved throughout, so drift hits them alike. No kernel of a side lives
     # until its main kernel starts: the starts before it are cold or follow a shutdown.
-    for side in sides:
-        await start_stop(kernels, route, side, figures, "cold_start", "shutdown_last")
+    for _ in range(p.cold_starts):
+        await forget_connections(env, route, sides)
+        for side in sides:
+            await start_stop(kernels, route, side, figures, "cold_start", "shutdown_last")
     for _ in range(p.restarts):
         for side in sides:
             await start_stop(kernels, route, side, figures, "restart", "shutdown_last")
@@ -152,7 +195,9 @@ async def run(
         import sshpyk.provisioning  # noqa: F401
     for route in env.routes:
         progress(f"one-way delay {route.name} to the bastion ({route.bastion})")
-        work = functools.partial(measure, p, route, figures[route.name], kernels, sides)
+        LINK_RTT[route.name] = await link_rtt(env, route)
+        progress(f"round trip to the bastion: {LINK_RTT[route.name] * 1000:.1f} ms")
+        work = functools.partial(measure, p, env, route, figures[route.name], kernels, sides)
         await run_bounded(kernels, work, ROUTE_LIMIT)
         if "sshpyk" in sides:  # its ControlMasters would idle on through the next delay
             await asyncio.to_thread(env.stop_sshpyk, route)
@@ -177,7 +222,7 @@ def rtt_multiple(f: Figure, side: str, rtt: float) -> float | None:
 
 
 def table_rows(route: Route, figures: dict[str, Figure]) -> list[tuple[str, ...]]:
-    rtt = 2 * route.delay_ms / 1000
+    rtt = LINK_RTT.get(route.name, 0.0) if route.delay_ms else 0.0
     head = ("figure", "unit", *(LABEL[s] for s in SIDES), "1 jump / direct", "1 jump / sshpyk")
     rows = [head + (("1 jump = local + N x RTT",) if rtt else ())]
     for f in figures.values():
@@ -190,23 +235,63 @@ def table_rows(route: Route, figures: dict[str, Figure]) -> list[tuple[str, ...]
     return rows
 
 
+def round_trip_verdicts(route: Route, figures: dict[str, Figure]) -> list[str]:
+    """The execute round trip against its yardstick: the same kernel reached directly (no
+    added delay), or the local kernel's round trip plus the link's (added delay)."""
+    f, lines = figures["rtt_median"], []
+    local, direct = f.value("local"), f.value("direct")
+    rtt_ms = LINK_RTT.get(route.name, 0.0) * 1000
+    for side in ("jump1", "jump2"):
+        value = f.value(side)
+        if value is None:
+            continue
+        if not route.delay_ms and direct:
+            lines.append(f"execute round trip, {LABEL[side]} / direct: {value / direct:.2f}")
+        elif route.delay_ms and local is not None:
+            yardstick = local + rtt_ms
+            lines.append(
+                f"execute round trip, {LABEL[side]} / (local {local:.1f} ms + link "
+                f"{rtt_ms:.1f} ms): {value / yardstick:.2f}"
+            )
+    return lines
+
+
+def start_round_trips(routes: list[Route], figures: dict[str, dict[str, Figure]]) -> list[str]:
+    """Round trips in each kind of start: (time at delay D - time at 0 ms) / link RTT at D."""
+    base = next((r for r in routes if not r.delay_ms), None)
+    if base is None:
+        return []
+    lines = []
+    for route in routes:
+        rtt = LINK_RTT.get(route.name, 0.0) - LINK_RTT.get(base.name, 0.0)
+        if not route.delay_ms or rtt <= 0:
+            continue
+        for key, what in (("cold_start", "cold start"), ("restart", "start after a shutdown"),
+                          ("warm_start", "warm start")):  # fmt: skip
+            counts = []
+            for side in SIDES[1:]:
+                slow, fast = (seconds(figures[r.name][key], side) for r in (route, base))
+                if slow is not None and fast is not None:
+                    counts.append(f"{LABEL[side]} {(slow - fast) / rtt:.1f}")
+            lines.append(f"{what}, round trips ({route.name} vs 0 ms): {', '.join(counts)}")
+    return lines
+
+
 def print_tables(
     info: dict[str, str], routes: list[Route], figures: dict[str, dict[str, Figure]], quick: bool
 ) -> None:
     print("\n".join(header(info, quick)))
     for route in routes:
-        rtt_ms = 2 * route.delay_ms
-        print(f"\none-way delay {route.delay_ms:g} ms this machine <-> bastion (RTT {rtt_ms:g} ms"
-              f" added; ssh alias {route.bastion})")  # fmt: skip
+        link = LINK_RTT.get(route.name)
+        measured = f"; measured round trip {link * 1000:.1f} ms" if link else ""
+        print(f"\none-way delay {route.delay_ms:g} ms this machine <-> bastion (ssh alias "
+              f"{route.bastion}{measured})")  # fmt: skip
         rows = table_rows(route, figures[route.name])
         bk.print_rows(rows, numeric=range(2, len(rows[0])))
-        if not rtt_ms:
-            continue
-        for key, what in (("cold_start", "cold start"), ("restart", "start after shut down")):
-            for side in ("direct", "jump1", "jump2"):
-                n = rtt_multiple(figures[route.name][key], side, rtt_ms / 1000)
-                if n is not None:
-                    print(f"{what}, {LABEL[side]}: local + {n:.1f} round trips of {rtt_ms:g} ms")
+        for line in round_trip_verdicts(route, figures[route.name]):
+            print(line)
+    for line in start_round_trips(routes, figures):
+        print(line)
 
 
 def results_json(
@@ -219,9 +304,10 @@ def results_json(
     out: dict[str, Any] = {"machine": info, "quick": quick, "params": p.__dict__,
                            "retried_starts": RETRIES, "delays": {}}  # fmt: skip
     for route in routes:
-        rtt = 2 * route.delay_ms / 1000
+        rtt = LINK_RTT.get(route.name, 0.0) if route.delay_ms else 0.0
         out["delays"][route.name] = {
             "one_way_delay_ms": route.delay_ms,
+            "link_rtt_s": LINK_RTT.get(route.name),
             "bastion_alias": route.bastion,
             "kernelspecs": route.specs,
             "figures": {
