@@ -100,7 +100,10 @@ class Connection:
                     index,
                     tunnel=opened[-1] if opened else None,
                     connect_timeout=connect_timeout,
-                    keepalive_interval=keepalive_interval,
+                    # the target's keepalives cross every jump connection, and tell a
+                    # dead link: jump hops need none of their own (each costs a timer
+                    # reset per packet, on every layer)
+                    keepalive_interval=keepalive_interval if is_last else 0,
                     on_lost=self._connection_lost if is_last else None,
                 )
                 opened.append(conn)
