@@ -18,6 +18,7 @@ from jupyter_client.manager import KernelManager
 from jupyter_remote_provisioner import demohost
 from jupyter_remote_provisioner.demohost import DemoHost
 from jupyter_remote_provisioner.errors import RemoteKernelError
+from jupyter_remote_provisioner.ssh import close_kept_connections
 
 from kernels import interrupt_sleeping_cell, run_cell, wait_for, write_spec
 from sshd import pid_alive, port_is_free
@@ -109,7 +110,9 @@ def test_provisioner_runs_interrupts_and_stops_a_kernel(host: DemoHost, kernels_
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=False)
-    # The agent exits once the provisioner closes its connection: nothing is left running.
+    # The agent exits once the connection closes: kept after the last kernel for
+    # connection_persist, closed at the end of the process as here.
+    close_kept_connections(timeout=10)
     wait_for(lambda: not demohost.session_pids(host.marker), 15, "the remote processes to end")
 
 

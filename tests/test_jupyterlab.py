@@ -128,6 +128,10 @@ class LabServer:
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.extension_manager=readonly",  # no PyPI queries
+            # The server would keep its SSH connection and remote agent for a next kernel
+            # (test_persist.py); these tests check that a shutdown leaves nothing remote.
+            # Also shows that Jupyter's config reaches every remote kernelspec.
+            "--RemoteSSHProvisioner.connection_persist=0",
         ]
         if os.getuid() == 0:
             argv.append("--allow-root")
