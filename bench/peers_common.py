@@ -23,7 +23,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_kernels as bk  # also puts tests/ on sys.path
-from bench_kernels import SHUTDOWN_TIMEOUT, TOTAL_TIMEOUT, Kernels, progress, write_kernelspec
+from bench_kernels import (
+    SHUTDOWN_TIMEOUT,
+    TOTAL_TIMEOUT,
+    Kernels,
+    interrupt,
+    progress,
+    stream,
+    write_kernelspec,
+)
 
 from sshd import SshServer
 
@@ -242,6 +250,24 @@ async def start_kernel(kernels: Kernels, spec: str, side: str) -> tuple[Any, Any
         progress(f"{side}: start failed ({exc}); retrying once")
     km, kc, _ = await kernels.start(spec)
     return km, kc, time.perf_counter() - t0
+
+
+async def streams_and_interrupts(
+    p: Any, main: dict[str, tuple[Any, Any]], figures: dict[str, Figure], sides: Iterable[str],
+    label: str = "",
+) -> None:  # fmt: skip
+    """The stream and interrupt figures of the sides' main kernels, sides interleaved."""
+    prefix = f"{label} " if label else ""
+    for _ in range(p.stream_runs):
+        for side in sides:
+            rate = await stream(main[side][1], p.stream_mib)
+            figures["stream"].add(side, rate)
+            progress(f"{prefix}{side}: stream {rate:.1f} MiB/s")
+    for _ in range(p.interrupts):
+        for side in sides:
+            ms = await interrupt(*main[side]) * 1000
+            figures["interrupt"].add(side, ms)
+            progress(f"{prefix}{side}: interrupt {ms:.1f} ms")
 
 
 async def run_bounded(

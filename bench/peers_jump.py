@@ -31,6 +31,7 @@ from peers_common import (
     machine_info,
     run_bounded,
     start_kernel,
+    streams_and_interrupts,
 )
 from topology import SIDES, JumpEnvironment, Route
 
@@ -165,16 +166,7 @@ async def measure(
     for side in sides:
         samples = figures["rtt_median"].samples[side]
         progress(f"{route.name} {side}: round trip median {statistics.median(samples):.1f} ms")
-    for _ in range(p.stream_runs):
-        for side in sides:
-            rate = await stream(main[side][1], p.stream_mib)
-            figures["stream"].add(side, rate)
-            progress(f"{route.name} {side}: stream {rate:.1f} MiB/s")
-    for _ in range(p.interrupts):
-        for side in sides:
-            ms = await interrupt(*main[side]) * 1000
-            figures["interrupt"].add(side, ms)
-            progress(f"{route.name} {side}: interrupt {ms:.1f} ms")
+    await streams_and_interrupts(p, main, figures, sides, route.name)
     for side in sides:
         down = await kernels.shutdown(*main[side])
         figures["shutdown_last"].add(side, down)

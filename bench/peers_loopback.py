@@ -36,6 +36,7 @@ from peers_common import (
     sshpyk_ssh_options,
     start_kernel,
     stop_control_masters,
+    streams_and_interrupts,
     write_sshpyk_spec,
     write_sshpyk_target_spec,
 )
@@ -268,16 +269,7 @@ async def measure(
             f"{side}: round trip median {statistics.median(samples):.2f} ms, CPU per round "
             f"trip {cpu[side] * per_rtt:.2f} ms here + {ssh_cpu[side] * per_rtt:.2f} ms in ssh"
         )
-    for _ in range(p.stream_runs):
-        for side in sides:
-            rate = await stream(main[side][1], p.stream_mib)
-            figures["stream"].add(side, rate)
-            progress(f"{side}: stream {rate:.1f} MiB/s")
-    for _ in range(p.interrupts):
-        for side in sides:
-            ms = await interrupt(*main[side]) * 1000
-            figures["interrupt"].add(side, ms)
-            progress(f"{side}: interrupt {ms:.1f} ms")
+    await streams_and_interrupts(p, main, figures, sides)
 
 
 async def run(

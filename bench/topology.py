@@ -13,10 +13,8 @@ per delay > 0, listening on 198.18.1.2:2222 (2223, ...) and relaying to the bast
 
 from __future__ import annotations
 
-import atexit
 import ctypes
 import os
-import re
 import selectors
 import signal
 import subprocess
@@ -35,7 +33,7 @@ from peers_common import (
     write_sshpyk_target_spec,
 )
 
-from netns import BASTION_ADDR, GUARD_ROUTE, TARGET_ADDR, Topology, ip
+from netns import BASTION_ADDR, TARGET_ADDR, Topology, live_topologies
 from sshd import current_user, generate_keypair, ssh_config_block
 
 JUMP2_ADDR, JUMP2_PORT = "198.18.2.1", 2200  # the bastion's inner address
@@ -67,13 +65,6 @@ def _die_with_parent() -> None:
     _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the relay dies with the bench
 
 
-def live_topologies(own: str) -> list[str]:
-    """Namespace prefixes ``jrp<pid>`` of other live processes (their addresses clash)."""
-    names = ip("netns", "list", check=False).stdout
-    pids = {int(p) for p in re.findall(r"\bjrp(\d+)[bt]\b", names)}
-    return [f"jrp{p}" for p in sorted(pids) if f"jrp{p}" != own and os.path.exists(f"/proc/{p}")]
-
-
 class BenchTopology(Topology):
     """The tests' namespaces, created only when no other topology is alive, root only."""
 
@@ -88,26 +79,6 @@ class BenchTopology(Topology):
             time.sleep(5)
         super().create()
         return self
-
-    def destroy(self) -> None:
-        """``Topology.destroy``, except that the guard route stays while another topology
-        (a test run started meanwhile) still lives."""
-        existing = ip("netns", "list", check=False).stdout.split()
-        for ns in (self.bastion, self.target):
-            if ns in existing:
-                self._kill_all(ns)
-                ip("netns", "delete", ns)
-        for dev in (self.root_veth, self.bastion_down_veth):
-            if ip("link", "show", dev, check=False).returncode == 0:
-                ip("link", "delete", dev, check=False)
-        if not live_topologies(self.prefix):
-            ip("route", "delete", "unreachable", GUARD_ROUTE, check=False)
-        atexit.unregister(self.destroy)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while ip("link", "show", self.root_veth, check=False).returncode == 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"veth {self.root_veth} could not be deleted")
-            time.sleep(0.05)
 
 
 class DelayRelay:

@@ -147,10 +147,18 @@ class Topology:
         # Deleting a namespace deletes its veth ends, and with them the peers; be thorough.
         for dev in (self.root_veth, self.bastion_down_veth):
             ip("link", "delete", dev, check=False)
-        ip("route", "delete", "unreachable", GUARD_ROUTE, check=False)
+        if not live_topologies(self.prefix):  # another run's namespaces still need it
+            ip("route", "delete", "unreachable", GUARD_ROUTE, check=False)
         atexit.unregister(self.destroy)
         if not wait_until(lambda: not _link_exists(self.root_veth), timeout=5):
             raise RuntimeError(f"veth {self.root_veth} could not be deleted")
+
+
+def live_topologies(own: str) -> list[str]:
+    """Namespace prefixes ``jrp<pid>`` of other live processes (a test run, the bench)."""
+    names = ip("netns", "list", check=False).stdout
+    pids = {int(p) for p in re.findall(r"\bjrp(\d+)[bt]\b", names)}
+    return [f"jrp{p}" for p in sorted(pids) if f"jrp{p}" != own and os.path.exists(f"/proc/{p}")]
 
 
 def destroy_stale() -> None:
