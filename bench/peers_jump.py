@@ -35,7 +35,7 @@ from peers_common import (
 )
 from topology import SIDES, JumpEnvironment, Route
 
-from jupyter_remote_provisioner import ssh as jrp_ssh
+from jupyter_remote_provisioner import pool
 
 LABEL = {"local": "local", "direct": "direct", "jump1": "1 jump", "jump2": "2 jumps",
          "sshpyk": "sshpyk (1 jump)"}  # fmt: skip
@@ -117,7 +117,7 @@ async def link_rtt(env: JumpEnvironment, route: Route) -> float:
 async def forget_connections(env: JumpEnvironment, route: Route, sides: tuple[str, ...]) -> None:
     """Close what the sides keep after their last kernel (this package's connections, after
     connection_persist; sshpyk's ControlMasters), so that the next start is cold."""
-    await asyncio.to_thread(jrp_ssh.close_kept_connections, 10.0)
+    await asyncio.to_thread(pool.close_kept_connections, 10.0)
     if "sshpyk" in sides:
         await asyncio.to_thread(env.stop_sshpyk, route)
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import LaunchError, RemoteKernelError
-from .ssh import POOL, Connection
+from .pool import POOL
+from .ssh import Connection
 from .sync_channel import SyncChannel, SyncError
 from .target import Target
 from .transfer import push

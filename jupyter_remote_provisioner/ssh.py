@@ -2,11 +2,10 @@
 
 Every hop is authenticated and its host key checked against known_hosts exactly like the
 kernel's host. Failures become one-line :class:`ConnectError` messages that name the hop
-and the remedy. :class:`ConnectionPool` shares one connection per target among all kernels
-of this process; when the last kernel lets go it keeps the connection for
-``connection_persist`` seconds (like OpenSSH's ControlPersist), then closes it.
+and the remedy. :class:`Connection` is one such chain; ``pool.py`` shares them among the
+kernels of the process.
 
-Two things keep the link fast on real networks (see DESIGN.md):
+Two things keep the link fast on real networks:
 
 - every channel (the jump tunnels, the kernel's forwards) opens with a receive window of
   :data:`WINDOW`, wide enough for the bandwidth-delay product of a distant link;
@@ -19,7 +18,6 @@ Two things keep the link fast on real networks (see DESIGN.md):
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import errno
 import logging
@@ -32,7 +30,6 @@ from typing import Any
 
 import asyncssh
 
-from . import loop
 from .errors import ConnectError
 from .target import Hop, Target
 
@@ -53,7 +50,6 @@ WINDOW = 8 << 20
 # Run on a jump host only so that its sshd switches the connection to TCP_NODELAY.
 NODELAY_COMMAND = "exit 0"
 NODELAY_TIMEOUT = 10.0
-EXIT_CLOSE_WAIT = 1.0  # seconds the process exit waits for kept connections to close
 
 
 class _Client(asyncssh.SSHClient):
@@ -144,118 +140,6 @@ class Connection:
         self.resources.clear()
         await _close_all(self.jumps + ([self.ssh] if self.ssh else []))
         self.ssh, self.jumps = None, []
-
-
-class ConnectionPool:
-    """One shared :class:`Connection` per target for the whole process (package loop only).
-
-    A connection whose last user let go is kept for its ``persist`` seconds, so that the
-    next kernel on that target pays no SSH handshake; while kept it holds the package loop
-    (:mod:`.loop`), a daemon thread, so it never delays the exit of the process, and
-    :meth:`close_idle` (run at exit) closes it.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[Target, asyncio.Future[Connection]] = {}
-        self._idle: dict[Connection, asyncio.TimerHandle] = {}
-
-    async def acquire(
-        self, target: Target, connect_timeout: float, keepalive_interval: float
-    ) -> Connection:
-        """Return the live connection to ``target``, connecting if there is none."""
-        entry = self._entries.get(target)
-        if entry is not None and entry.done() and entry.result().lost.is_set():
-            lost = entry.result()
-            self._drop(lost)
-            if lost in self._idle:  # lost while kept: nobody else will close it
-                asyncio.ensure_future(self._close_kept(lost))
-            entry = None
-        if entry is None:
-            entry = asyncio.get_running_loop().create_future()
-            self._entries[target] = entry
-            connection = Connection(target)
-            try:
-                await connection.open(connect_timeout, keepalive_interval)
-            except BaseException as exc:
-                del self._entries[target]
-                if isinstance(exc, asyncio.CancelledError):
-                    entry.cancel()
-                else:
-                    entry.set_exception(exc)
-                    entry.exception()  # mark retrieved: concurrent waiters still get it
-                raise
-            entry.set_result(connection)
-        connection = await asyncio.shield(entry)
-        connection.users += 1
-        if self._unkeep(connection):  # a kept connection is in use again
-            loop.release()
-        return connection
-
-    async def release(self, connection: Connection, persist: float = 0.0) -> None:
-        """Drop one user; the last one closes the connection, or keeps it ``persist`` s."""
-        connection.users -= 1
-        if connection.users > 0:
-            return
-        if persist > 0 and not connection.lost.is_set() and connection.ssh is not None:
-            loop.acquire()  # the kept connection needs the loop running
-            self._idle[connection] = asyncio.get_running_loop().call_later(
-                persist, lambda: asyncio.ensure_future(self._close_kept(connection))
-            )
-            log.debug("keeping the SSH connection to %s for %g s", connection.target.describe(),
-                      persist)  # fmt: skip
-            return
-        self._drop(connection)
-        await connection.close()
-
-    def _unkeep(self, connection: Connection) -> bool:
-        """Stop keeping ``connection``; True if it was kept (its hold on the loop is then
-        the caller's to release)."""
-        timer = self._idle.pop(connection, None)
-        if timer is not None:
-            timer.cancel()
-        return timer is not None
-
-    def _drop(self, connection: Connection) -> None:
-        """Take ``connection`` out of the pool: no new user gets it."""
-        entry = self._entries.get(connection.target)
-        if entry is not None and entry.done() and entry.result() is connection:
-            del self._entries[connection.target]
-
-    async def _close_kept(self, connection: Connection) -> None:
-        """Close a kept connection, then let go of the loop it held."""
-        if connection.users > 0 or not self._unkeep(connection):
-            return
-        self._drop(connection)
-        try:
-            await connection.close()
-        finally:
-            loop.release()
-
-    def has_idle(self) -> bool:
-        """Whether a connection is being kept with no user."""
-        return bool(self._idle)
-
-    async def close_idle(self) -> None:
-        """Close every kept connection now (at process exit, or in tests)."""
-        await asyncio.gather(*(self._close_kept(c) for c in list(self._idle)))
-
-
-POOL = ConnectionPool()
-
-
-def close_kept_connections(timeout: float = EXIT_CLOSE_WAIT) -> None:
-    """Close the connections kept after their last kernel, waiting at most ``timeout`` s.
-
-    Registered with atexit, so the process exit waits at most a moment; the remote side
-    also ends its half when the process is gone and the TCP connection with it.
-    """
-    if not POOL.has_idle():
-        return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(POOL.close_idle(), loop.get()).result(timeout)
-
-
-atexit.register(close_kept_connections)
 
 
 @contextlib.asynccontextmanager

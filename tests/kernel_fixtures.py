@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from jupyter_remote_provisioner import ssh
+from jupyter_remote_provisioner import pool
 
 from kernels import Leftovers, write_spec
 
@@ -97,7 +97,7 @@ def close_kept_connections() -> Iterator[None]:
     """After each test, close the SSH connections kept for a next kernel (connection_persist),
     as the end of the process would: every test starts without one."""
     yield
-    ssh.close_kept_connections(timeout=10)
+    pool.close_kept_connections(timeout=10)
 
 
 @pytest.fixture
@@ -106,5 +106,5 @@ def no_leftovers(remote_tmp: Path, close_kept_connections: None) -> Iterator[Lef
     once the connections kept for a next kernel are closed (as at the end of the process)."""
     snapshot = Leftovers.snapshot(remote_tmp)
     yield snapshot
-    ssh.close_kept_connections(timeout=10)
+    pool.close_kept_connections(timeout=10)
     snapshot.assert_clean()

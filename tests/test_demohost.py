@@ -18,7 +18,7 @@ from jupyter_client.manager import KernelManager
 from jupyter_remote_provisioner import demohost
 from jupyter_remote_provisioner.demohost import DemoHost
 from jupyter_remote_provisioner.errors import RemoteKernelError
-from jupyter_remote_provisioner.ssh import close_kept_connections
+from jupyter_remote_provisioner.pool import close_kept_connections
 
 from kernels import interrupt_sleeping_cell, run_cell, wait_for, write_spec
 from sshd import pid_alive, port_is_free

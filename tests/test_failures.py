@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from jupyter_remote_provisioner import ssh
+from jupyter_remote_provisioner import pool
 
 from drivers import KINDS, Driver
 from sshd import free_port, generate_keypair
@@ -38,7 +38,7 @@ def start_error(kernel_name: str, kind: str, within: float = 30, **start: Any) -
         driver.close()
     elapsed = time.monotonic() - started
     message = str(info.value)
-    assert not ssh.POOL.has_idle(), "a failed start kept its SSH connection"
+    assert not pool.POOL.has_idle(), "a failed start kept its SSH connection"
     assert "\n" not in message and message, repr(message)
     assert elapsed < within, f"the error took {elapsed:.1f} s: {message}"
     return message
