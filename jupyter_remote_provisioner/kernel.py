@@ -389,10 +389,11 @@ class RemoteKernel:
             return
         try:
             answer = self._agent.send("signal", kernel=self.kernel_id, signum=int(signum))
-        except AgentLost as exc:
+        except AgentLost:
             raise RemoteKernelError(
-                f"cannot signal the remote kernel on {self.settings.target.host.label}: "
-                f"the SSH connection is down ({exc})"
+                f"cannot send {_signal_name(signum)} to the remote kernel on "
+                f"{self.settings.target.host.label}: the SSH connection is down and being "
+                f"re-established; the kernel keeps running there, try again once it is back"
             ) from None
         answer.add_done_callback(functools.partial(self._signal_answered, signum))
         self.log.info("Sent %s to remote kernel %s", _signal_name(signum), self.kernel_id)
@@ -415,12 +416,7 @@ class RemoteKernel:
         if not self._running:
             return
         if self._recovery is not None:
-            self.log.warning(
-                "Remote kernel %s is unreachable; its host stops it after orphan_timeout (%s s)",
-                self.kernel_id, self.settings.orphan_timeout,
-            )  # fmt: skip
-            self._recovery.cancel()
-            self._running = False
+            await self.abandon()
             return
         try:
             await self.signal(signal.SIGKILL)
@@ -428,6 +424,18 @@ class RemoteKernel:
         except (RemoteKernelError, asyncio.TimeoutError):
             self.log.warning("Remote kernel %s did not confirm its exit", self.kernel_id)
             self._running = False
+
+    async def abandon(self) -> None:
+        """Give up an unreachable kernel (the link is down): stop reconnecting and report it
+        ended; its host stops it once our client is gone for orphan_timeout."""
+        if self._recovery is None or not self._running:
+            return
+        self.log.warning(
+            "Remote kernel %s is unreachable; its host stops it after orphan_timeout (%s s)",
+            self.kernel_id, self.settings.orphan_timeout,
+        )  # fmt: skip
+        self._recovery.cancel()
+        self._set_exited(LOST)
 
     async def close(self, keep_kernel: bool = False, persist: bool = True) -> None:
         """Stop the kernel if needed (unless ``keep_kernel``: detach, it runs on), close the

@@ -19,7 +19,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, List, TraitError, Unicode, Union
 
 from . import loop
-from .errors import ConfigError
+from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
 from .target import DEFAULT_SSH_CONFIG, resolve
 
@@ -245,9 +245,21 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return status
 
     async def send_signal(self, signum: int) -> None:
-        """Signal the kernel's process group on the remote host (through the agent)."""
-        if self._kernel is not None and self._kernel.pid is not None:
-            await loop.call(self._kernel.signal(signum))
+        """Signal the kernel's process group on the remote host (through the agent).
+
+        With the link down this fails with one line, except on the way to a shutdown
+        (jupyter_client interrupts, then kills): the shutdown completes, and the remote
+        host stops the kernel after orphan_timeout.
+        """
+        kernel = self._kernel
+        if kernel is None or kernel.pid is None:
+            return
+        try:
+            await loop.call(kernel.signal(signum))
+        except RemoteKernelError:
+            if not getattr(self.parent, "shutting_down", False):
+                raise
+            await loop.call(kernel.abandon())
 
     async def kill(self, restart: bool = False) -> None:
         await self.send_signal(signal.SIGKILL)

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 
+from jupyter_remote_provisioner.errors import RemoteKernelError
+
 from drivers import Driver
-from kernels import wait_for, wait_for_async
+from kernels import remote_processes, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -126,3 +128,27 @@ def test_gives_up_after_reconnect_timeout(jump_spec, topology, no_leftovers, cap
     finally:
         topo.restore_link()
         driver.close()
+
+
+def test_interrupt_and_shutdown_during_an_outage(jump_spec, topology, remote_tmp, caplog):
+    """With the link down: an interrupt fails with one line that says why; closing the
+    notebook (a shutdown, which jupyter_client starts with an interrupt) completes, and the
+    remote host stops the kernel after orphan_timeout."""
+    caplog.set_level(logging.INFO)
+    topo = topology.topology
+    driver = Driver("async", jump_spec(**FAST, orphan_timeout=2))
+    try:
+        driver.start()
+        driver.client()
+        topo.cut_link()
+        wait_for(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
+        with pytest.raises(RemoteKernelError) as info:
+            driver.interrupt()
+        assert "\n" not in str(info.value) and "connection is down" in str(info.value)
+        driver.shutdown()
+        assert not driver.km.has_kernel
+        assert "its host stops it after orphan_timeout" in caplog.text
+    finally:
+        topo.restore_link()
+        driver.close()
+    wait_for(lambda: not remote_processes(remote_tmp), 30, "the remote kernel to be stopped")
