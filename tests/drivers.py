@@ -13,7 +13,10 @@ from typing import Any
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import AsyncKernelManager, KernelManager
 
+from kernels import run_cell
+
 KINDS = ("async", "blocking")
+WHERE = "import os; print(os.environ['SSH_CONNECTION'])"
 
 
 class Driver:
@@ -73,3 +76,17 @@ class Driver:
     @property
     def provisioner(self) -> Any:
         return self.km.provisioner
+
+
+def ssh_connection_of(kind: str, kernel_name: str) -> str:
+    """Start a kernel of ``kernel_name``, shut it down, and return the ``SSH_CONNECTION`` it
+    ran under: client address and port, server address and port."""
+    driver = Driver(kind, kernel_name)
+    try:
+        driver.start()
+        out, reply = run_cell(driver.client(), WHERE)
+        assert reply["status"] == "ok", reply
+        driver.shutdown()
+        return out.strip()
+    finally:
+        driver.close()

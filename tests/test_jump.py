@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers import KINDS, Driver
+from drivers import KINDS, Driver, ssh_connection_of
 from kernels import run_cell
 from netns import BASTION_ADDR, TARGET_ADDR
 from sshd import SshServer
@@ -23,24 +23,10 @@ SYS_PIDFD_GETFD = 438  # the same number on every Linux architecture
 NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY)
 RESTRICTED_PORT = 2222
 
-WHERE = "import os; print(os.environ['SSH_CONNECTION'])"
-
-
-def run_remote(kind: str, kernel_name: str) -> str:
-    driver = Driver(kind, kernel_name)
-    try:
-        driver.start()
-        out, reply = run_cell(driver.client(), WHERE)
-        assert reply["status"] == "ok"
-        driver.shutdown()
-        return out
-    finally:
-        driver.close()
-
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_proxyjump_from_ssh_config(jump_spec, no_leftovers, kind):
-    client_ip, _, server_ip, _ = run_remote(kind, jump_spec()).split()
+    client_ip, _, server_ip, _ = ssh_connection_of(kind, jump_spec()).split()
     assert server_ip == TARGET_ADDR
     assert client_ip == "198.18.2.1", "the target sees the bastion, not this machine"
 
@@ -53,7 +39,7 @@ def test_explicit_jump_list(jump_spec, topology, no_leftovers, jump):
         identity_file=str(topology.identity_file),
         known_hosts=str(topology.known_hosts),
     )
-    assert run_remote("async", name).split()[2] == TARGET_ADDR
+    assert ssh_connection_of("async", name).split()[2] == TARGET_ADDR
 
 
 def test_no_ssh_config_every_hop_explicit(jump_spec, topology, no_leftovers):
@@ -65,7 +51,7 @@ def test_no_ssh_config_every_hop_explicit(jump_spec, topology, no_leftovers):
         identity_file=str(topology.identity_file),
         known_hosts=str(topology.known_hosts),
     )
-    assert run_remote("blocking", name).split()[2] == TARGET_ADDR
+    assert ssh_connection_of("blocking", name).split()[2] == TARGET_ADDR
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -170,6 +156,6 @@ def test_bastion_that_refuses_sessions(jump_spec, topology, forwarding_only_bast
         identity_file=str(topology.identity_file),
     )
     with caplog.at_level(logging.INFO, logger="jupyter_remote_provisioner"):
-        client_ip, _, server_ip, _ = run_remote("async", name).split()
+        client_ip, _, server_ip, _ = ssh_connection_of("async", name).split()
     assert (client_ip, server_ip) == ("198.18.2.1", TARGET_ADDR)
     assert any("refuses sessions" in r.getMessage() for r in caplog.records), caplog.text

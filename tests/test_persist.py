@@ -12,25 +12,10 @@ import pytest
 
 from jupyter_remote_provisioner import loop
 
-from drivers import Driver
-from kernels import remote_processes, run_cell, wait_for
+from drivers import ssh_connection_of
+from kernels import remote_processes, wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-SSH_CONNECTION = "import os; print(os.environ['SSH_CONNECTION'])"
-
-
-def kernel_connection(name: str) -> str:
-    """Start a kernel of ``name``, return the SSH connection it came through, shut it down."""
-    driver = Driver("async", name)
-    try:
-        driver.start()
-        out, reply = run_cell(driver.client(), SSH_CONNECTION)
-        assert reply["status"] == "ok", reply
-        driver.shutdown()
-        return out.strip()
-    finally:
-        driver.close()
 
 
 def loop_thread_alive() -> bool:
@@ -40,17 +25,17 @@ def loop_thread_alive() -> bool:
 def test_next_kernel_reuses_the_connection(jump_spec):
     """Closing one notebook and opening another through the bastion: one SSH connection."""
     name = jump_spec()
-    first = kernel_connection(name)
-    assert kernel_connection(name) == first  # same client address and port on the target
+    first = ssh_connection_of("async", name)
+    assert ssh_connection_of("async", name) == first  # same client address and port on the target
 
 
 def test_no_persist_means_a_new_connection(jump_spec):
     name = jump_spec(connection_persist=0)
-    assert kernel_connection(name) != kernel_connection(name)
+    assert ssh_connection_of("async", name) != ssh_connection_of("async", name)
 
 
 def test_kept_connection_closes_when_the_time_passes(remote_spec, remote_tmp, no_leftovers):
-    kernel_connection(remote_spec(connection_persist=2))
+    ssh_connection_of("async", remote_spec(connection_persist=2))
     # Right after the shutdown the connection (its remote agent) and our loop are still there
     assert remote_processes(remote_tmp) and loop_thread_alive()
     wait_for(lambda: not remote_processes(remote_tmp), 30, "the kept connection to close")
