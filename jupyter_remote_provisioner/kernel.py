@@ -221,6 +221,7 @@ class RemoteKernel:
         )
         try:
             await self._agent_ready()
+            return await launch
         except LaunchError:
             # the launch fails remotely too (no python, no ipykernel): wait for that, so
             # that nothing of it is left when the connection closes
@@ -229,19 +230,17 @@ class RemoteKernel:
                 launch.cancel()
             elif not launch.cancelled():
                 launch.exception()  # retrieved: the hello's failure is the one to report
-            self._agent.on_exit(self.kernel_id, None)
             raise
-        try:
-            return await launch
         except AgentError as exc:
-            self._agent.on_exit(self.kernel_id, None)
             raise self._launch_failure(exc.reply) from None
         except (AgentLost, asyncio.TimeoutError) as exc:
-            self._agent.on_exit(self.kernel_id, None)
             raise LaunchError(
                 f"lost the remote agent on {settings.target.host.label} while starting the "
                 f"kernel: {exc or 'no answer'}; check the SSH connection"
             ) from None
+        finally:
+            if not launch.done() or launch.cancelled() or launch.exception() is not None:
+                self._agent.on_exit(self.kernel_id, None)  # no kernel to watch
 
     def _launch_failure(self, reply: Mapping[str, Any]) -> LaunchError:
         error = str(reply.get("error", "the kernel did not start"))
