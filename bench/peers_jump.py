@@ -77,7 +77,7 @@ def make_figures(p: Params) -> dict[str, Figure]:
                "(higher is better)", "MiB/s", higher_is_better=True),
         Figure("interrupt", f"interrupt to KeyboardInterrupt (median of {p.interrupts})", "ms"),
         Figure("shutdown_last", "graceful shutdown, no other kernel of the side (median of "
-               f"{p.restarts + 2})", "s"),
+               f"{p.cold_starts + p.restarts + 1})", "s"),
         Figure("shutdown_busy", f"graceful shutdown, another kernel lives (median of "
                f"{p.warm_starts})", "s"),
     ]  # fmt: skip
