@@ -2,17 +2,18 @@
 the private base directories and the lock that serialises daemon start and exit."""
 
 import contextlib
+import errno
 import fcntl
 import getpass
 import hashlib
 import os
 import stat
 import sys
-import tempfile
 import time
 
 PROTOCOL = 2
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+FULL = (errno.ENOSPC, errno.EDQUOT)
 START_TIMEOUT = 10.0  # seconds for a new daemon to listen, and for a hello to arrive
 
 
@@ -44,13 +45,34 @@ def exited(proc, block=False):
     so its pid stays its group's id and a later killpg cannot hit a recycled pid."""
     if proc.returncode is not None:
         return True
-    if not hasattr(os, "waitid"):
+    if not hasattr(os, "waitid") or isinstance(proc, Adopted):
         return (proc.wait() if block else proc.poll()) is not None
     try:
         flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
         return os.waitid(os.P_PID, proc.pid, flags) is not None
     except ChildProcessError:
         return True
+
+
+class Adopted:
+    """The process of a kernel that an earlier daemon started: not our child, so it is
+    watched by polling, and its exit status is unknown (reported as UNKNOWN_STATUS)."""
+
+    UNKNOWN_STATUS = -1
+    POLL = 0.2
+
+    def __init__(self, pid, start):
+        self.pid, self.start, self.returncode = pid, start, None
+
+    def poll(self):
+        if self.returncode is None and not process_alive(self.pid, self.start):
+            self.returncode = self.UNKNOWN_STATUS
+        return self.returncode
+
+    def wait(self):
+        while self.poll() is None:
+            time.sleep(self.POLL)
+        return self.returncode
 
 
 def file_tail(path, lines=20, limit=4000):
@@ -70,22 +92,30 @@ def log_tail(kdir):
     return file_tail(os.path.join(kdir, "kernel.log"))
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of pid so far (Linux /proc); None where unknown."""
+def stat_fields(pid):
+    """The fields of Linux /proc/<pid>/stat after the command name (state first); None
+    where pid is gone or there is no /proc."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of pid so far (Linux /proc); None where unknown."""
+    fields = stat_fields(pid)
+    try:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError):
         return None
 
 
 def parent_pid(pid):
     """The parent of pid (Linux /proc), or None."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return int(stat_fields(pid)[1])
+    except (TypeError, ValueError, IndexError):
         return None
 
 
@@ -117,25 +147,81 @@ def user_name():
         return str(os.getuid())
 
 
-def ensure_base_dir(suffix=""):
-    """Create or validate <tmp>/jupyter-remote-<uid><suffix>: a private real directory owned
+def base_root():
+    """Where the private dirs go: $TMPDIR if it names an absolute path, else /tmp. One rule,
+    never a probe (tempfile.gettempdir() moves elsewhere when /tmp is full, which would give
+    a running kernel's host a second daemon that does not know it)."""
+    tmpdir = os.environ.get("TMPDIR", "")
+    return os.path.normpath(tmpdir) if os.path.isabs(tmpdir) else "/tmp"
+
+
+def remedy(err):
+    """What to do about an OSError err on the base dir or a file in it."""
+    fix = "free space on its file system" if err.errno in FULL else "make it writable"
+    return f"{fix}, or set TMPDIR to another directory for SSH logins to this host"
+
+
+def ensure_base_dir(root, suffix=""):
+    """Create or validate <root>/jupyter-remote-<uid><suffix>: a private real directory owned
     by us. Kernel dirs go in the base dir; the daemon's socket, lock and log in "-agent"."""
     uid = os.getuid()
-    base = os.path.join(tempfile.gettempdir(), f"jupyter-remote-{uid}{suffix}")
+    base = os.path.join(root, f"jupyter-remote-{uid}{suffix}")
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
         pass
     except OSError as e:
-        raise AgentError(f"cannot create {base}: {e.strerror}") from None
+        raise AgentError(f"cannot create {base}: {e.strerror}; {remedy(e)}") from None
     st = os.lstat(base)
     if not stat.S_ISDIR(st.st_mode):
-        raise AgentError(f"{base} is not a directory (or is a symlink)")
+        raise AgentError(
+            f"{base} is not a directory (or is a symlink); remove it if it is yours, or set "
+            f"TMPDIR to a private directory for SSH logins"
+        )
     if st.st_uid != uid:
-        raise AgentError(f"{base} is owned by uid {st.st_uid}, not {uid}")
+        raise AgentError(
+            f"{base} belongs to another user (uid {st.st_uid}), who may have created it "
+            f"to spy on kernels; have an administrator remove it, or set TMPDIR to a private "
+            f"directory for SSH logins"
+        )
     if st.st_mode & 0o077:
-        raise AgentError(f"{base} is open to other users (mode {st.st_mode & 0o777:o})")
+        raise AgentError(
+            f"{base} is open to other users (mode {st.st_mode & 0o777:o}); "
+            f"run `chmod 700 {base}` on the host"
+        )
     return base
+
+
+def proc_stat(pid):
+    """(state, start time in clock ticks) of pid from Linux /proc, or None."""
+    try:
+        fields = stat_fields(pid)
+        return fields[0], int(fields[19])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def process_start(pid):
+    """pid's start time (clock ticks since boot), which tells it from a later process that
+    got the same pid; None without /proc."""
+    st = proc_stat(pid)
+    return st[1] if st else None
+
+
+def process_alive(pid, start):
+    """Is the process pid that started at start (None: unknown) still running?"""
+    st = proc_stat(pid)
+    if st is not None:
+        return st[0] not in ("Z", "X") and (start is None or st[1] == start)
+    if os.path.isdir("/proc/self"):
+        return False  # /proc exists but pid is not in it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def daemon_files():

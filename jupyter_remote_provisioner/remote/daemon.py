@@ -10,18 +10,22 @@ import sys
 import threading
 import time
 
+from .adopt import adopt_orphans
 from .common import (
     PROTOCOL,
     START_TIMEOUT,
     AgentError,
     base_lock,
+    base_root,
     cpu_seconds,
     daemon_files,
     ensure_base_dir,
     ipykernel_version,
+    process_start,
     user_name,
 )
 from .ops import dispatch
+from .records import SELF
 from .table import (
     CLIENTS,
     EXITED,
@@ -37,6 +41,8 @@ from .table import (
 REAP_INTERVAL = 0.5
 BUSY_CPU = 0.2  # share of one CPU above which a kernel counts as busy
 FIRST_CLIENT_GRACE = 10.0  # seconds a new daemon waits for its first client
+ADOPT_EVERY = 4  # reaper rounds between looks for kernels of a daemon that died
+SOCKET_CHECK = 1.0  # seconds between checks that our socket is still there
 
 
 def hello(client):
@@ -136,10 +142,14 @@ def sample_cpu():
 
 
 def reaper():
+    rounds = 0
     while True:
         time.sleep(REAP_INTERVAL)
+        rounds += 1
         drop_silent_clients()
         sample_cpu()
+        if rounds % ADOPT_EVERY == 0:
+            adopt_orphans()  # kernels of a daemon that died, also with no client asking
         reap()
         maybe_exit()
 
@@ -152,8 +162,11 @@ def idle():
 
 
 def remove_files():
-    """Remove the socket (so no relay connects any more), the log and the lock file; call
-    with the lock held, so a relay never races us between its connect and its spawn."""
+    """Remove the socket (so no relay connects any more), the log and the lock file, if they
+    are still ours; call with the lock held, so a relay never races us between its connect
+    and its spawn."""
+    if not socket_intact():
+        return  # removed under us, maybe replaced by another daemon's: not ours to touch
     sock_name, lock_name, log_name = daemon_files()
     for name in (sock_name, log_name, lock_name):
         with contextlib.suppress(OSError):
@@ -189,12 +202,8 @@ def on_daemon_signal(signum, frame):
     os._exit(0)
 
 
-def daemon_main():
-    """Listen on the socket (0600) in the base dir and serve clients until idle."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_daemon_signal)
-    STATE["base"] = ensure_base_dir()
-    os.chdir(ensure_base_dir("-agent"))
+def listen():
+    """Listen on the socket (0600) in the agent dir, replacing a stale one."""
     sock_name = daemon_files()[0]
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
@@ -205,10 +214,64 @@ def daemon_main():
     finally:
         os.umask(old)
     listener.listen(64)
+    listener.settimeout(SOCKET_CHECK)
+    st = os.stat(sock_name)
+    STATE["socket_id"] = (st.st_dev, st.st_ino)
+    return listener
+
+
+def socket_intact():
+    """Is our socket still at its path (not removed by a tmp cleaner, nor replaced)?"""
+    try:
+        st = os.stat(os.path.join(STATE["agent_dir"], daemon_files()[0]))
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == STATE["socket_id"]
+
+
+def restore_socket(listener):
+    """Our socket (or its dir) was removed under us: listen again; or, if a relay has started
+    another daemon there meanwhile, exit and leave our kernels to it (it adopts them)."""
+    try:
+        STATE["agent_dir"] = ensure_base_dir(STATE["root"], "-agent")
+        os.chdir(STATE["agent_dir"])
+        with base_lock(daemon_files()[1], START_TIMEOUT):
+            if socket_intact():
+                return listener
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.closing(probe):
+                try:
+                    probe.connect(daemon_files()[0])
+                except OSError:
+                    replaced = listen()
+                else:
+                    os._exit(0)  # hand over: no reaping, kernels and records stay
+    except (AgentError, OSError):
+        return listener  # try again on the next round
+    listener.close()
+    return replaced
+
+
+def daemon_main():
+    """Adopt the kernels of a dead predecessor, listen in the agent dir under the base dir
+    the relay chose (argv[1]), serve clients until idle."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_daemon_signal)
+    STATE["root"] = sys.argv[1] if len(sys.argv) > 1 else base_root()
+    STATE["base"] = ensure_base_dir(STATE["root"])
+    STATE["agent_dir"] = ensure_base_dir(STATE["root"], "-agent")
+    os.chdir(STATE["agent_dir"])
+    SELF.update(key=daemon_files()[0], pid=os.getpid(), start=process_start(os.getpid()))
+    adopt_orphans()  # before the first client can ask for them
+    listener = listen()
     threading.Thread(target=reaper, daemon=True).start()
     while True:
         try:
             conn, _ = listener.accept()
+        except socket.timeout:  # noqa: UP041 - not TimeoutError before 3.10
+            if not socket_intact():
+                listener = restore_socket(listener)
+            continue
         except OSError:
             time.sleep(0.1)
             continue

@@ -1,5 +1,6 @@
 """The launch op: validate, write the connection file, spawn, wait until it listens, watch."""
 
+import contextlib
 import json
 import os
 import re
@@ -11,7 +12,17 @@ import tempfile
 import threading
 import time
 
-from .common import CHANNELS, AgentError, exited, from_home, killpg, log_tail
+from .common import (
+    CHANNELS,
+    AgentError,
+    ensure_base_dir,
+    exited,
+    from_home,
+    killpg,
+    log_tail,
+    remedy,
+)
+from .records import write_record
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
 
@@ -77,11 +88,36 @@ def check_launch(req):
     return kid, argv, env, conn, transport, cwd, float(req.get("timeout") or 60.0), orphan
 
 
-def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
-    """Make the kernel dir and connection file, start the kernel; returns (Kernel, endpoints)."""
+def files_error(e):
+    """A kernel's dir or files could not be written (a full /tmp, most often)."""
+    return AgentError(f"cannot write a kernel's files in {STATE['base']}: {e.strerror}; "
+                      f"{remedy(e)}")  # fmt: skip
+
+
+def kernel_dir(kid):
+    """A new private dir for a kernel in the base dir (re-created if a tmp cleaner took it)."""
+    STATE["base"] = ensure_base_dir(STATE["root"])
     safe = re.sub(r"[^A-Za-z0-9_-]", "", kid)[:8] or "kernel"
-    kdir = tempfile.mkdtemp(prefix=safe + "-", dir=STATE["base"])
-    ports = []
+    try:
+        return tempfile.mkdtemp(prefix=safe + "-", dir=STATE["base"])
+    except OSError as e:
+        raise files_error(e) from None
+
+
+def write_connection_file(kdir, info):
+    cfile = os.path.join(kdir, "connection.json")
+    try:
+        with os.fdopen(os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            json.dump(info, f)
+    except OSError as e:
+        raise files_error(e) from None
+    return cfile
+
+
+def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
+    """Make the kernel dir and connection file, start the kernel, write its record (so that a
+    later daemon can find it); returns (Kernel, endpoints)."""
+    kdir, ports, k = kernel_dir(kid), [], None
     try:
         if transport == "ipc":
             ip, by_channel = os.path.join(kdir, "k"), dict(zip(CHANNELS, range(1, 6)))
@@ -95,9 +131,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
         info.update(ip=ip, transport=transport, key=conn["key"])
         info.update(signature_scheme=conn.get("signature_scheme", "hmac-sha256"))
         info.update(kernel_name=conn.get("kernel_name", ""))
-        cfile = os.path.join(kdir, "connection.json")
-        with os.fdopen(os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            json.dump(info, f)
+        cfile = write_connection_file(kdir, info)
         cmd = [a.replace("{connection_file}", cfile) for a in argv]
         full_env = dict(client.env, **env)
         log_fd = os.open(os.path.join(kdir, "kernel.log"), os.O_WRONLY | os.O_CREAT, 0o600)
@@ -116,17 +150,26 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
                     raise AgentError(f"cannot run {argv[0]}: {e.strerror or e}") from None
                 k = KERNELS[kid] = Kernel(kid, proc, kdir, ports, client, orphan)
                 k.kernel_name = str(conn.get("kernel_name") or "")
+                k.endpoints = endpoints
                 if client not in CLIENTS:  # the client left while we were preparing
                     k.orphaned_at = time.monotonic()
                     k.clients.clear()
         finally:
             os.close(log_fd)
+        try:
+            write_record(k)
+        except OSError as e:
+            raise files_error(e) from None
     except BaseException:
+        if k is not None:  # started, but it could not be recorded: it must not run unseen
+            killpg(k.pgid, signal.SIGKILL)
+            k.status = k.proc.wait()
+            release(k)
+            k.done.set()
         with LOCK:
             USED_PORTS.difference_update(ports)
         shutil.rmtree(kdir, ignore_errors=True)
         raise
-    k.endpoints = endpoints
     return k, endpoints
 
 
@@ -160,6 +203,8 @@ def op_launch(client, req):
             abort_start(k, f"kernel did not start listening within {timeout:g} s", False)
         time.sleep(0.01)
     k.ready = True
+    with contextlib.suppress(OSError):  # kept unready, a later daemon would stop it
+        write_record(k)
     threading.Thread(target=watch, args=(k,), daemon=True).start()
     reply = {"re": req.get("id"), "ok": True, "pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir}
     client.emit(dict(reply, endpoints=endpoints))

@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+from .adopt import adopt_orphans
 from .common import AgentError, one_line
 from .launch import op_launch
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, terminate_kernels
@@ -12,11 +13,15 @@ from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, terminate_kernels
 
 def find_kernel(kid, ready=True):
     """The live kernel kid, or the reply error (with its status if it exited recently)."""
-    with LOCK:
-        k = KERNELS.get(kid) if isinstance(kid, str) else None
-        if k is not None and (k.ready or not ready):
-            return k
-        gone = EXITED.get(kid) if isinstance(kid, str) else None
+    for attempt in (1, 2):
+        with LOCK:
+            k = KERNELS.get(kid) if isinstance(kid, str) else None
+            if k is not None and (k.ready or not ready):
+                return k
+            gone = EXITED.get(kid) if isinstance(kid, str) else None
+        if gone or attempt == 2:
+            break
+        adopt_orphans()  # maybe a kernel of a daemon that died
     extra = {"exited": gone[1], "log_tail": gone[2]} if gone else {}
     raise AgentError(f"no kernel {kid} on this host", **extra)
 
@@ -74,6 +79,7 @@ def op_stop(client, req):
 
 def op_list(client, req):
     """Every kernel of the daemon, whoever holds it."""
+    adopt_orphans()
     now, info = time.monotonic(), []
     with LOCK:
         for k in KERNELS.values():
@@ -98,11 +104,18 @@ def op_keepalive(client, req):
     return {}
 
 
+def op_launch_new(client, req):
+    """Launch, after adopting any kernel of a dead daemon: one under this id is not started
+    twice (its client may have taken it for dead)."""
+    adopt_orphans()
+    return op_launch(client, req)
+
+
 def op_ping(client, req):
     return {"time": time.time()}
 
 
-OPS = {"launch": op_launch, "signal": op_signal, "list": op_list, "ping": op_ping}
+OPS = {"launch": op_launch_new, "signal": op_signal, "list": op_list, "ping": op_ping}
 OPS.update(attach=op_attach, stop=op_stop, keepalive=op_keepalive)
 
 

@@ -14,6 +14,7 @@ from .common import (
     START_TIMEOUT,
     AgentError,
     base_lock,
+    base_root,
     daemon_files,
     ensure_base_dir,
     file_tail,
@@ -55,12 +56,13 @@ def connect(name):
         return None
 
 
-def start_daemon(bundle, sock_name, log_name):
-    """Start the daemon detached, feed it the bundle; return a socket connected to it."""
+def start_daemon(bundle, root, sock_name, log_name):
+    """Start the daemon detached with our base dir's root, feed it the bundle; return a
+    socket connected to it."""
     log_fd = os.open(log_name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", DAEMON_BOOTSTRAP], stdin=subprocess.PIPE, stdout=log_fd,
+            [sys.executable, "-c", DAEMON_BOOTSTRAP, root], stdin=subprocess.PIPE, stdout=log_fd,
             stderr=log_fd, start_new_session=True, close_fds=True,
         )  # fmt: skip
     finally:
@@ -83,7 +85,7 @@ def start_daemon(bundle, sock_name, log_name):
         time.sleep(0.01)
 
 
-def open_daemon(bundle):
+def open_daemon(bundle, root):
     """Connect to the daemon (starting it if needed); returns (socket, bytes up to its hello).
 
     A daemon that is exiting closes the connection before its hello: then start over."""
@@ -92,7 +94,7 @@ def open_daemon(bundle):
         s = connect(sock_name)
         if s is None:
             with base_lock(lock_name, START_TIMEOUT + 5.0):
-                s = connect(sock_name) or start_daemon(bundle, sock_name, log_name)
+                s = connect(sock_name) or start_daemon(bundle, root, sock_name, log_name)
         data = b""
         with contextlib.suppress(OSError):
             while b"\n" not in data:
@@ -110,9 +112,10 @@ def open_daemon(bundle):
 def relay_main(bundle):
     """Connect the channel to the daemon and copy bytes both ways until either side ends."""
     try:
-        ensure_base_dir()
-        os.chdir(ensure_base_dir("-agent"))
-        sock, first = open_daemon(bundle)
+        root = base_root()
+        ensure_base_dir(root)
+        os.chdir(ensure_base_dir(root, "-agent"))
+        sock, first = open_daemon(bundle, root)
     except (AgentError, OSError) as e:
         emit({"event": "fatal", "error": one_line(e)})
         sys.stderr.write(one_line(e) + "\n")

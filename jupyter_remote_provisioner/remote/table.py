@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from .common import exited, killpg, parent_pid, process_name
+from .common import exited, killpg, parent_pid, process_name, process_start
 
 SHUTDOWN_GRACE = 3.0  # seconds an orphaned (or shut down) kernel gets to exit on SIGTERM
 STOP_GRACE = 5.0  # seconds a kernel gets to exit on SIGTERM for the stop op
@@ -21,21 +21,26 @@ USED_PORTS = set()  # type: set  # tcp ports handed to kernels that are still al
 CLIENTS = set()  # type: set  # connected Client objects
 EXITED = {}  # type: dict  # kernel id -> (monotonic time, status, log tail), for attach
 CLIENT_IDS = itertools.count(1)
-STATE = {"closing": False, "base": None, "served": False, "born": time.monotonic()}
+STATE = {"closing": False, "served": False, "born": time.monotonic(), "socket_id": None}
+STATE.update(root=None, base=None, agent_dir=None)  # the base dir's parent, it, the agent dir
 
 
 class Kernel:
     """One spawned kernel process, the directory and ports it owns, and the clients that hold
-    it (launched or attached to it, and still connected); with none it is an orphan."""
+    it (launched or attached to it, and still connected); with none it is an orphan (client
+    None: adopted from a daemon that died, an orphan until a client attaches)."""
 
     def __init__(self, kid, proc, kdir, ports, client, orphan_timeout):
         self.kid, self.proc, self.dir, self.ports = kid, proc, kdir, ports
         self.pgid = proc.pid  # start_new_session=True makes the kernel its group leader
+        self.proc_start = process_start(proc.pid)
         self.started = time.time()
         self.ready = False
         self.endpoints = {}
         self.kernel_name = ""  # the kernelspec it was started from, as the client named it
-        self.clients, self.orphaned_at, self.orphan_timeout = {client}, None, orphan_timeout
+        self.clients = {client} if client is not None else set()
+        self.orphaned_at = None if client is not None else time.monotonic()
+        self.orphan_timeout = orphan_timeout
         self.cpu = None  # (monotonic time, cpu seconds) sampled by the reaper
         self.busy = None  # used CPU since the previous sample (None: unknown)
         self.stopping = False  # a stop, the reaper or shutdown has taken charge of it
