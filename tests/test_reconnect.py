@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.timeout(180)
 
 FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
 SLOW_CELL = "import time; time.sleep(4); y = x + 1"
+DAEMON_MARK = 'AGENT_MODE":"daemon'  # in the remote agent daemon's command line
 
 
 async def until_running(kc: Any, msg_id: str) -> None:
@@ -86,6 +89,17 @@ def survives(
 def test_killed_ssh_sessions(remote_spec, ssh_env, no_leftovers, caplog):
     """sshd's per-connection processes die (as in an sshd crash): reconnect at once."""
     survives(remote_spec(**FAST), caplog, ssh_env.server.kill_all_sessions, lambda: None)
+
+
+def test_agent_daemon_killed(remote_spec, remote_tmp, no_leftovers, caplog):
+    """kill -9 of the remote agent's daemon (its kernels run on): a new daemon adopts the
+    kernel and the client resumes on it; no second kernel starts under the same id."""
+
+    def kill_daemon() -> None:
+        [pid] = [int(p.split()[0]) for p in remote_processes(remote_tmp) if DAEMON_MARK in p]
+        os.kill(pid, signal.SIGKILL)
+
+    survives(remote_spec(**FAST), caplog, kill_daemon, lambda: None)
 
 
 def test_link_to_bastion_cut_and_restored(jump_spec, topology, no_leftovers, caplog):
