@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from agents import TIMEOUT, kernel_client, processes_with_tmpdir, run
+from disks import fill, mounted_tmpfs
 
 from kernels import wait_for
 from sshd import pid_alive
@@ -130,25 +131,11 @@ def tmpfs(rtmp):
     """A 1 MiB tmpfs, mounted for this test (as a small /tmp)."""
     mnt = rtmp / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=1777", "tmpfs", str(mnt)],
-                   check=True)  # fmt: skip
-    yield mnt
-    for pid in processes_with_tmpdir(mnt):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(
-        lambda: subprocess.run(["umount", str(mnt)], check=False).returncode == 0, 10, "the unmount"
-    )
-
-
-def fill(path):
-    """Write zeros into path until its file system is full; returns the file."""
-    filler = path / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 65536)
-            f.flush()
-    return filler
+    with mounted_tmpfs(mnt, "size=1m,mode=1777"):
+        yield mnt
+        for pid in processes_with_tmpdir(mnt):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_base_dir_follows_tmpdir_even_when_it_is_full(make_agent, tmpfs):

@@ -4,6 +4,8 @@ and leaves nothing behind (no listener, thread, remote process or remote file)."
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -11,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from disks import mounted_tmpfs
 from jupyter_client.manager import AsyncKernelManager
 
 from jupyter_remote_provisioner import pool
 
 from drivers import KINDS, Driver
+from kernels import wait_for
 from sshd import free_port, generate_keypair
 
 pytestmark = pytest.mark.timeout(90)
@@ -69,6 +73,42 @@ def test_changed_host_key(direct_spec, ssh_env, tmp_path, no_leftovers, kind):
     changed.write_text(f"[{ssh_env.host}]:{ssh_env.port} {public[0]} {public[1]}\n")
     message = start_error(direct_spec(known_hosts=str(changed)), kind)
     assert "does NOT match" in message and "ssh-keygen" in message
+
+
+def test_remote_tmp_fills_up(remote_spec, ssh_env, remote_tmp, no_leftovers, caplog):
+    """A notebook fills the remote /tmp while its kernel runs: that kernel goes on (it
+    reconnects, it is not taken for dead), and a new start fails in one line that names the
+    full directory and the remedy, leaving nothing there."""
+    caplog.set_level(logging.INFO)
+    base = remote_tmp / f"jupyter-remote-{os.getuid()}"
+    base.mkdir(mode=0o700, exist_ok=True)
+    spec = remote_spec(keepalive_interval=1.0, connect_timeout=3.0)
+    filling = (
+        f"import contextlib\nwith open({str(base / 'big')!r}, 'wb') as f, "
+        "contextlib.suppress(OSError):\n    while True: f.write(bytes(65536)); f.flush()"
+    )
+    with mounted_tmpfs(base, "size=1m,mode=0700"):
+        running = Driver("blocking", spec)
+        try:
+            running.start()
+            kc = running.client()
+            assert kc.execute_interactive(filling, timeout=30)["content"]["status"] == "ok"
+            before = sorted(os.listdir(base))
+            message = start_error(spec, "blocking")
+            assert message == (
+                f"remote kernel on testhost ({ssh_env.host}:{ssh_env.port}): cannot write a "
+                f"kernel's files in {base}: No space "
+                f"left on device; free space on its file system, or set TMPDIR to another "
+                f"directory for SSH logins to this host"
+            )
+            assert sorted(os.listdir(base)) == before
+            ssh_env.server.kill_all_sessions()
+            wait_for(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+            kc.wait_for_ready(timeout=30)
+            assert kc.execute_interactive("x = 1", timeout=30)["content"]["status"] == "ok"
+            assert running.is_alive()
+        finally:
+            running.close()
 
 
 def test_missing_remote_python(remote_spec, no_leftovers, kind):
