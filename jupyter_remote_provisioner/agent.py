@@ -18,11 +18,14 @@ import logging
 import shlex
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
 from .errors import LaunchError
+
+if TYPE_CHECKING:
+    from .ssh import Connection
 
 log = logging.getLogger(__name__)
 
@@ -340,3 +343,35 @@ class RemoteAgent:
                 await asyncio.wait_for(self.closed.wait(), 5)
             except asyncio.TimeoutError:
                 self._channel.close()
+
+
+async def shared_agent(
+    conn: Connection, python: str, host_label: str, keepalive_interval: float
+) -> RemoteAgent:
+    """The connection's agent for ``python``, started once and shared by its kernels."""
+    key = ("agent", python)
+    existing: asyncio.Future[RemoteAgent] | None = conn.resources.get(key)
+    pending: asyncio.Future[RemoteAgent]
+    if existing is None or _unusable(existing):
+        assert conn.ssh is not None
+        pending = asyncio.ensure_future(
+            RemoteAgent.open(conn.ssh, python, host_label, keepalive_interval)
+        )
+        conn.resources[key] = pending
+    else:
+        pending = existing
+    try:
+        return await asyncio.shield(pending)
+    except BaseException:
+        if conn.resources.get(key) is pending and pending.done():
+            del conn.resources[key]
+        raise
+
+
+def _unusable(pending: asyncio.Future[RemoteAgent]) -> bool:
+    """A finished agent start that failed, or an agent whose channel has closed."""
+    if not pending.done():
+        return False
+    if pending.cancelled() or pending.exception() is not None:
+        return True
+    return pending.result().closed.is_set()

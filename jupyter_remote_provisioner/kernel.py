@@ -12,6 +12,7 @@ is the kernel reported lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -21,8 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .agent import AgentError, AgentLost, RemoteAgent
+from .agent import AgentError, AgentLost, RemoteAgent, shared_agent
 from .errors import LaunchError, RemoteKernelError
+from .late_stop import stop_when_reachable
 from .pool import POOL
 from .ssh import Connection
 from .sync_channel import SyncChannel, SyncError
@@ -82,6 +84,7 @@ class RemoteKernel:
         self._running = False
         self._recovery: asyncio.Task[None] | None = None
         self._agent_client: int | None = None  # the agent daemon's id for our channel
+        self._late_stop: asyncio.Task[None] | None = None  # see abandon()
 
     @property
     def running(self) -> bool:
@@ -104,15 +107,30 @@ class RemoteKernel:
         settings = self.settings
         local_dir = local_dir or os.getcwd()
         where = placement(local_dir, settings.path_map, settings.cwd)
+        stop_first = self._late_stop is not None and not self._late_stop.done()
+        if stop_first:  # a restart after an outage: the old kernel goes first, then this one
+            assert self._late_stop is not None
+            self._late_stop.cancel()
         try:
             await self._connect()
+            if stop_first:
+                await self._stop_abandoned()
             if settings.upload:
                 await self._agent_ready()
                 await self._upload(local_dir, where.cwd)
             await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
-        except BaseException:
+        except BaseException as exc:
             await self.close(persist=False)
+            if not stop_first:
+                raise
+            # still unreachable: the old kernel is stopped when the host is back
+            self._late_stop = stop_when_reachable(settings, self.kernel_id, self.log)
+            if isinstance(exc, RemoteKernelError):
+                raise type(exc)(
+                    f"cannot restart the kernel: {exc}; the old kernel is stopped once "
+                    f"{settings.target.host.label} answers again"
+                ) from None
             raise
         self.pid = reply.get("pid")
         self.exit_status, self._running = None, True
@@ -150,7 +168,9 @@ class RemoteKernel:
                 settings.target, settings.connect_timeout, settings.keepalive_interval
             )
             self.log.info("SSH connection to %s ready", settings.target.describe())
-        self._agent = await _agent_for(self._conn, settings)
+        self._agent = await shared_agent(
+            self._conn, settings.python, settings.target.host.label, settings.keepalive_interval
+        )
 
     async def _agent_ready(self) -> None:
         """Wait for the agent's hello; fail with one line if it cannot run the kernel."""
@@ -241,6 +261,13 @@ class RemoteKernel:
         finally:
             if not launch.done() or launch.cancelled() or launch.exception() is not None:
                 self._agent.on_exit(self.kernel_id, None)  # no kernel to watch
+
+    async def _stop_abandoned(self) -> None:
+        """Stop the kernel given up during an outage under this id, if it still runs."""
+        assert self._agent is not None
+        with contextlib.suppress(AgentError):
+            timeout = self.settings.connect_timeout + 10
+            await self._agent.request("stop", reply_timeout=timeout, kernel=self.kernel_id)
 
     def _launch_failure(self, reply: Mapping[str, Any]) -> LaunchError:
         error = str(reply.get("error", "the kernel did not start"))
@@ -426,14 +453,16 @@ class RemoteKernel:
 
     async def abandon(self) -> None:
         """Give up an unreachable kernel (the link is down): stop reconnecting and report it
-        ended; its host stops it once our client is gone for orphan_timeout."""
+        ended; it is stopped once its host answers again (or by its orphan_timeout there)."""
         if self._recovery is None or not self._running:
             return
         self.log.warning(
-            "Remote kernel %s is unreachable; its host stops it after orphan_timeout (%s s)",
-            self.kernel_id, self.settings.orphan_timeout,
+            "Remote kernel %s is unreachable; it is stopped once %s answers again, or by "
+            "the host after orphan_timeout (%s s)", self.kernel_id,
+            self.settings.target.host.label, self.settings.orphan_timeout,
         )  # fmt: skip
         self._recovery.cancel()
+        self._late_stop = stop_when_reachable(self.settings, self.kernel_id, self.log)
         self._set_exited(LOST)
 
     async def close(self, keep_kernel: bool = False, persist: bool = True) -> None:
@@ -452,37 +481,6 @@ class RemoteKernel:
         conn, self._conn = self._conn, None
         if conn is not None:
             await POOL.release(conn, self.settings.connection_persist if persist else 0.0)
-
-
-async def _agent_for(conn: Connection, settings: KernelSettings) -> RemoteAgent:
-    """The connection's agent for ``settings.python``, started once and shared."""
-    key = ("agent", settings.python)
-    existing: asyncio.Future[RemoteAgent] | None = conn.resources.get(key)
-    pending: asyncio.Future[RemoteAgent]
-    if existing is None or _unusable(existing):
-        assert conn.ssh is not None
-        pending = asyncio.ensure_future(
-            RemoteAgent.open(conn.ssh, settings.python, settings.target.host.label,
-                             settings.keepalive_interval)
-        )  # fmt: skip
-        conn.resources[key] = pending
-    else:
-        pending = existing
-    try:
-        return await asyncio.shield(pending)
-    except BaseException:
-        if conn.resources.get(key) is pending and pending.done():
-            del conn.resources[key]
-        raise
-
-
-def _unusable(pending: asyncio.Future[RemoteAgent]) -> bool:
-    """A finished agent start that failed, or an agent whose channel has closed."""
-    if not pending.done():
-        return False
-    if pending.cancelled() or pending.exception() is not None:
-        return True
-    return pending.result().closed.is_set()
 
 
 def _signal_name(signum: int) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,13 +145,18 @@ def test_gives_up_after_reconnect_timeout(jump_spec, topology, no_leftovers, cap
         driver.close()
 
 
+def remote_kernels(remote_tmp: Path) -> list[int]:
+    """Pids of the kernels running on the test hosts."""
+    return [int(p.split()[0]) for p in remote_processes(remote_tmp) if "ipykernel" in p]
+
+
 def test_interrupt_and_shutdown_during_an_outage(jump_spec, topology, remote_tmp, caplog):
     """With the link down: an interrupt fails with one line that says why; closing the
     notebook (a shutdown, which jupyter_client starts with an interrupt) completes, and the
-    remote host stops the kernel after orphan_timeout."""
+    kernel is stopped as soon as the host is reachable again (long before orphan_timeout)."""
     caplog.set_level(logging.INFO)
     topo = topology.topology
-    driver = Driver("async", jump_spec(**FAST, orphan_timeout=2))
+    driver = Driver("async", jump_spec(**FAST, orphan_timeout=600))
     try:
         driver.start()
         driver.client()
@@ -161,8 +167,40 @@ def test_interrupt_and_shutdown_during_an_outage(jump_spec, topology, remote_tmp
         assert "\n" not in str(info.value) and "connection is down" in str(info.value)
         driver.shutdown()
         assert not driver.km.has_kernel
-        assert "its host stops it after orphan_timeout" in caplog.text
+        assert "it is stopped once gpu (198.18.2.2) answers again" in caplog.text
+        assert remote_kernels(remote_tmp)
+        topo.restore_link()
+        wait_for(lambda: not remote_kernels(remote_tmp), 30, "the remote kernel to be stopped")
+        wait_for(lambda: "now reachable again" in caplog.text, 15, "the log of the stop")
     finally:
         topo.restore_link()
         driver.close()
-    wait_for(lambda: not remote_processes(remote_tmp), 30, "the remote kernel to be stopped")
+
+
+def test_restart_during_an_outage(jump_spec, topology, remote_tmp, caplog):
+    """A restart with the link down fails in one line that says the host is unreachable;
+    the old kernel is stopped once the host is back, and a restart then works."""
+    caplog.set_level(logging.INFO)
+    topo = topology.topology
+    driver = Driver("async", jump_spec(**FAST, orphan_timeout=600))
+    try:
+        driver.start()
+        driver.client()
+        old_pid = driver.provisioner._kernel.pid
+        topo.cut_link()
+        wait_for(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
+        with pytest.raises(Exception) as info:
+            driver.restart()
+        message = str(info.value)
+        assert message.startswith(
+            "cannot restart the kernel: jump host bastion (198.18.1.2) is unreachable"
+        ), message
+        assert message.endswith("the old kernel is stopped once gpu (198.18.2.2) answers again")
+        assert "\n" not in message
+        topo.restore_link()
+        wait_for(lambda: old_pid not in remote_kernels(remote_tmp), 30, "the old kernel to stop")
+        driver.start()
+        assert driver.client().execute_interactive("1", timeout=30)["content"]["status"] == "ok"
+    finally:
+        topo.restore_link()
+        driver.close()

@@ -1,0 +1,71 @@
+"""Stopping a kernel that was given up during an outage (shut down while its host could not
+be reached) as soon as the host answers again, so that it does not hold memory and GPUs
+until its orphan_timeout. Runs on the package loop, bounded by reconnect_timeout; if this
+process ends first, the host's orphan rule still stops the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from . import loop
+from .agent import AgentError, AgentLost, shared_agent
+from .errors import RemoteKernelError
+from .pool import POOL
+
+if TYPE_CHECKING:
+    from .kernel import KernelSettings
+
+PAUSES = (0.5, 5.0)  # seconds between attempts: first, then doubling up to the second
+_PENDING: set[asyncio.Task[None]] = set()  # strong references while they run
+
+
+def stop_when_reachable(
+    settings: KernelSettings, kernel_id: str, log: logging.Logger
+) -> asyncio.Task[None]:
+    """Start trying to stop ``kernel_id``; returns the task (cancel it to give up). The
+    task holds the package loop while it runs."""
+    loop.acquire()
+    task = asyncio.ensure_future(_stop_later(settings, kernel_id, log))
+    _PENDING.add(task)
+    task.add_done_callback(_done)
+    return task
+
+
+def _done(task: asyncio.Task[None]) -> None:
+    _PENDING.discard(task)
+    loop.release()
+
+
+async def _stop_later(settings: KernelSettings, kernel_id: str, log: logging.Logger) -> None:
+    where = settings.target.describe()
+    deadline = time.monotonic() + settings.reconnect_timeout
+    pause = PAUSES[0]
+    while time.monotonic() + pause < deadline:
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, PAUSES[1])
+        try:
+            await asyncio.wait_for(_stop(settings, kernel_id), settings.connect_timeout * 2)
+        except AgentError:
+            return  # not there any more: nothing to stop
+        except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
+            log.debug("stopping kernel %s on %s later: %s", kernel_id, where, exc)
+            continue
+        log.info("Stopped remote kernel %s on %s, now reachable again", kernel_id, where)
+        return
+
+
+async def _stop(settings: KernelSettings, kernel_id: str) -> None:
+    conn = await POOL.acquire(
+        settings.target, settings.connect_timeout, settings.keepalive_interval
+    )
+    try:
+        assert conn.ssh is not None
+        agent = await shared_agent(
+            conn, settings.python, settings.target.host.label, settings.keepalive_interval
+        )
+        await agent.request("stop", reply_timeout=settings.connect_timeout + 10, kernel=kernel_id)
+    finally:
+        await POOL.release(conn, settings.connection_persist)
