@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -168,6 +169,17 @@ def own_sockets() -> set[str]:
     return found
 
 
+def socket_kind(inode: str) -> str:
+    """ "unix", "tcp", … for a socket inode of this machine (for messages)."""
+    for table in ("unix", "tcp", "tcp6", "udp", "udp6", "netlink"):
+        with contextlib.suppress(OSError), open(f"/proc/net/{table}") as f:
+            for line in f:
+                fields = line.split()
+                if inode in fields[6:10]:
+                    return f"{table} {' '.join(fields[1:3]) if table != 'unix' else fields[-1]}"
+    return "socket"
+
+
 def own_listeners() -> set[str]:
     """Listening TCP sockets held by this process."""
     return own_sockets() & _listening_inodes()
@@ -194,27 +206,46 @@ def remote_kernel_dirs(remote_tmp: Path) -> list[str]:
     return sorted(os.listdir(base)) if base.exists() else []
 
 
+def remote_agent_files(remote_tmp: Path) -> list[str]:
+    """The remote daemons' sockets, locks and logs (gone once the last daemon exits)."""
+    agent_dir = Path(f"{remote_base(remote_tmp)}-agent")
+    return sorted(os.listdir(agent_dir)) if agent_dir.exists() else []
+
+
+def own_threads() -> set[str]:
+    """This process's threads, by name and identity (a new thread with an old name counts)."""
+    return {f"{t.name}#{t.ident}" for t in threading.enumerate()}
+
+
 @dataclass
 class Leftovers:
-    """What a test started that is still there: listeners, threads, remote processes, files."""
+    """What a test started that is still there: sockets (listeners, SSH connections), threads,
+    remote processes, kernel dirs and the daemon's files."""
 
-    listeners: set[str]
+    sockets: set[str]
     threads: set[str]
     remote_tmp: Path
 
     @classmethod
     def snapshot(cls, remote_tmp: Path) -> Leftovers:
-        return cls(own_listeners(), {t.name for t in threading.enumerate()}, remote_tmp)
+        return cls(own_sockets(), own_threads(), remote_tmp)
 
     def assert_clean(self, timeout: float = 10) -> None:
         """Fail unless everything new since the snapshot is gone (waiting up to ``timeout``)."""
 
         def new_items() -> dict[str, Any]:
             items = {
-                "local listeners": own_listeners() - self.listeners,
-                "threads": {t.name for t in threading.enumerate()} - self.threads,
+                # TCP only: listeners and SSH connections (event loops that jupyter_client
+                # keeps for the process hold unnamed Unix socket pairs)
+                "local sockets": {
+                    kind
+                    for kind in map(socket_kind, own_sockets() - self.sockets)
+                    if kind.startswith("tcp")
+                },
+                "threads": own_threads() - self.threads,
                 "remote processes": remote_processes(self.remote_tmp),
                 "remote kernel dirs": remote_kernel_dirs(self.remote_tmp),
+                "remote agent files": remote_agent_files(self.remote_tmp),
             }
             return {k: v for k, v in items.items() if v}
 
