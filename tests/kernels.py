@@ -83,8 +83,10 @@ def write_spec(
     display_name: str | None = None,
     env: dict[str, str] | None = None,
     argv: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
-    """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name."""
+    """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name;
+    ``metadata`` is added to its ``metadata`` (e.g. ``supported_encryption``)."""
     spec_dir = kernels_dir / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -93,7 +95,10 @@ def write_spec(
         "language": "python",
         "interrupt_mode": interrupt_mode,
         "env": env or {},
-        "metadata": {"kernel_provisioner": {"provisioner_name": PROVISIONER, "config": config}},
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": PROVISIONER, "config": config},
+            **(metadata or {}),
+        },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     return name

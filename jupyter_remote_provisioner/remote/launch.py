@@ -14,6 +14,8 @@ import time
 from .common import CHANNELS, AgentError, exited, from_home, killpg, log_tail
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
+CURVE_KEYS = ("curve_publickey", "curve_secretkey")  # Z85 text, 40 characters each
+
 
 def alloc_ports(n=5):
     """n distinct free localhost ports, none already handed to a live kernel."""
@@ -61,6 +63,9 @@ def check_launch(req):
         raise AgentError(f"unknown transport {transport!r}")
     if not isinstance(conn, dict) or not isinstance(conn.get("key"), str):
         raise AgentError("launch needs connection.key")
+    curve = [conn.get(name) for name in CURVE_KEYS]
+    if any(curve) and not all(isinstance(k, str) and len(k) == 40 for k in curve):
+        raise AgentError("connection.curve_publickey and curve_secretkey must be Z85 keys")
     orphan = req.get("orphan_timeout", 0)
     if orphan is not None and (
         isinstance(orphan, bool) or not isinstance(orphan, (int, float)) or orphan < 0
@@ -95,6 +100,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
         info.update(ip=ip, transport=transport, key=conn["key"])
         info.update(signature_scheme=conn.get("signature_scheme", "hmac-sha256"))
         info.update(kernel_name=conn.get("kernel_name", ""))
+        info.update((name, conn[name]) for name in CURVE_KEYS if conn.get(name))
         cfile = os.path.join(kdir, "connection.json")
         with os.fdopen(os.open(cfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             json.dump(info, f)
