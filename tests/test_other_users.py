@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import queue
+import signal
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
 
 from drivers import Driver
 from kernel_fixtures import PYTHON
@@ -169,6 +171,38 @@ def test_tcp_kernel_that_supports_curve_is_encrypted_by_default(
     assert remote_connection(remote_tmp)["curve_secretkey"] == info["curve_secretkey"]
     out, reply = run_cell(d.client(), "print('after restart')")
     assert reply["status"] == "ok" and out == "after restart\n"
+
+
+def test_attach_to_an_encrypted_kernel_gets_its_keys(remote_spec, driver, tmp_path):
+    """`remote_kernel attach` writes the kernel's Curve keys into its connection file: a
+    client of that file can talk to the encrypted kernel."""
+    name = remote_spec(kernel_argv=IPYKERNEL_ARGV, metadata=CURVE)
+    d = driver(name)
+    d.start()
+    file = tmp_path / "attached.json"
+    attach = subprocess.Popen(
+        [sys.executable, "-m", "jupyter_remote_provisioner", "attach", d.km.kernel_id,
+         "--name", name, "-f", str(file)], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert attach.stdout is not None and "Attached" in attach.stdout.readline()
+        info = json.loads(file.read_text())
+        assert info["curve_publickey"] == d.km.curve_publickey.decode()
+        kc = BlockingKernelClient()
+        kc.load_connection_file(str(file))
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=30)
+            out, reply = run_cell(kc, "print('through attach')")
+            assert reply["status"] == "ok" and out == "through attach\n"
+        finally:
+            kc.stop_channels()
+        attach.send_signal(signal.SIGINT)
+        assert attach.wait(15) == 0
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+            attach.wait(10)
 
 
 def test_required_encryption_reaches_an_ipc_kernel(remote_spec, driver, remote_tmp):
