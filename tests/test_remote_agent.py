@@ -26,6 +26,7 @@ import pytest
 from jupyter_client import BlockingKernelClient
 
 from jupyter_remote_provisioner.agent import agent_source
+from jupyter_remote_provisioner.remote.common import PROTOCOL
 
 from kernels import wait_for
 from sshd import pid_alive
@@ -161,7 +162,9 @@ class Agent:
         return self.proc.wait(timeout)
 
     def socket_path(self):
-        return os.path.join(self.hello["base"] + "-agent", f"agent-{sha12(sys.executable)}-v2.sock")
+        return os.path.join(
+            self.hello["base"] + "-agent", f"agent-{sha12(sys.executable)}-v{PROTOCOL}.sock"
+        )
 
     def destroy(self):
         """Best-effort cleanup after a test, even a failed one: relay, daemon, kernels."""
@@ -274,7 +277,7 @@ def kernel_dirs(agent, kid):
 
 def test_hello(agent, rtmp):
     h = agent.hello
-    assert h["protocol"] == 2 and h["pid"] == h["daemon_pid"] != agent.proc.pid
+    assert h["protocol"] == PROTOCOL and h["pid"] == h["daemon_pid"] != agent.proc.pid
     assert h["python"] == ".".join(map(str, sys.version_info[:3]))
     assert h["executable"] == sys.executable
     assert h["ipykernel"] == importlib.metadata.version("ipykernel")
