@@ -238,8 +238,9 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         declared = declares_curve(getattr(self.kernel_spec, "metadata", None))
         if not wanted(policy, declared, transport):
             return {}
-        if not zmq.has("curve"):
-            self.log.warning("pyzmq here has no CurveZMQ: the kernel runs unencrypted")
+        if not hasattr(km, "curve_publickey") or not zmq.has("curve"):
+            self.log.warning("jupyter_client (8.10 or newer) or pyzmq here cannot use CurveZMQ: "
+                             "the kernel runs unencrypted over %s", transport)  # fmt: skip
             return {}
         self._curve = keys_of({k: getattr(km, k, None) for k in CURVE_KEYS}) or (
             self._curve or new_keys()

@@ -118,6 +118,19 @@ def run_cell(
     return "".join(out), reply["content"]
 
 
+def run_through_file(path: Path, code: str, timeout: float = 30) -> tuple[str, dict[str, Any]]:
+    """Connect a fresh client with the connection file ``path``, run ``code``, disconnect;
+    return (stdout text, execute_reply content), as ``jupyter console --existing`` would."""
+    kc = BlockingKernelClient()
+    kc.load_connection_file(str(path))
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=timeout)
+        return run_cell(kc, code, timeout)
+    finally:
+        kc.stop_channels()
+
+
 def printed(kc: BlockingKernelClient, text: str) -> bool:
     """Whether the next iopub message (waiting up to 0.2 s) is a stream containing ``text``."""
     try:

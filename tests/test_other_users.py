@@ -8,6 +8,7 @@ remote side, exactly as the kernel listens there, while a cell prints a marker.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import queue
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client.blocking.client import BlockingKernelClient
+
+from jupyter_remote_provisioner.encryption import new_keys, usable_keys, wanted
+from jupyter_remote_provisioner.errors import LaunchError
 
 from drivers import Driver
 from kernel_fixtures import PYTHON
-from kernels import remote_base, remote_kernel_dirs, rk, run_cell
+from kernels import remote_base, remote_kernel_dirs, rk, run_cell, run_through_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,15 +191,8 @@ def test_attach_to_an_encrypted_kernel_gets_its_keys(remote_spec, driver, tmp_pa
         assert attach.stdout is not None and "Attached" in attach.stdout.readline()
         info = json.loads(file.read_text())
         assert info["curve_publickey"] == d.km.curve_publickey.decode()
-        kc = BlockingKernelClient()
-        kc.load_connection_file(str(file))
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=30)
-            out, reply = run_cell(kc, "print('through attach')")
-            assert reply["status"] == "ok" and out == "through attach\n"
-        finally:
-            kc.stop_channels()
+        out, reply = run_through_file(file, "print('through attach')")
+        assert reply["status"] == "ok" and out == "through attach\n"
         attach.send_signal(signal.SIGINT)
         assert attach.wait(15) == 0
     finally:
@@ -238,3 +234,27 @@ def test_show_and_check_say_when_traffic_is_private(remote_spec):
         (shown,) = traffic_lines("show", name)
         assert shown.startswith("kernel traffic: ") and words in shown
         assert traffic_lines("check", name) == [f"  [ok]   {shown}"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "declared", "transport", "encrypted"),
+    [
+        ("disabled", False, "tcp", False),  # nothing to encrypt with: show/check warn
+        ("disabled", True, "tcp", True),  # tcp is open to every user of the host
+        ("disabled", True, "ipc", False),  # a private directory is enough
+        ("auto", True, "ipc", True),
+        ("auto", False, "tcp", False),
+        ("required", False, "ipc", True),  # jupyter_client refuses such a spec first
+    ],
+)
+def test_when_traffic_is_encrypted(policy, declared, transport, encrypted):
+    assert wanted(policy, declared, transport) is encrypted
+
+
+def test_an_ipykernel_older_than_7_4_gets_no_keys():
+    keys, log = new_keys(), logging.getLogger("test")
+    assert usable_keys(keys, False, "7.4.0", "gpu", "python3", "tcp", log) == keys
+    assert usable_keys(keys, False, "6.29.5", "gpu", "python3", "tcp", log) == {}
+    with pytest.raises(LaunchError, match=r"^transport encryption is required but ipykernel "
+                       r"6\.29\.5 on gpu cannot use CurveZMQ \(7\.4 or newer can\); upgrade"):  # fmt: skip
+        usable_keys(keys, True, "6.29.5", "gpu", "python3", "ipc", log)
