@@ -1,7 +1,8 @@
 """``check NAME``: connect the way the kernel would and report each step, then a verdict.
 
 Steps: every hop's host key and login (jump hosts first), the remote interpreter, ipykernel,
-and the round trip to the remote agent. Nothing is left running afterwards.
+the round trip to the remote agent, and who else on the host could read the kernel's
+traffic. Nothing is left running afterwards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .agent import AgentError, AgentLost, RemoteAgent
+from .encryption import declares_curve, traffic
 from .errors import RemoteKernelError
 from .kernel import KernelSettings
 from .kernelspec import find_spec
@@ -21,7 +23,7 @@ from .provisioner import settings_from_config
 from .sessions import agent_session
 
 PINGS = 5
-OK, FAIL, SKIP = "[ok]", "[FAIL]", "[--]"
+OK, FAIL, SKIP, WARN = "[ok]", "[FAIL]", "[--]", "[warn]"
 
 Report = Callable[[str], None]
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     spec = find_spec(args.name)
     settings = settings_from_config(spec.config)
     print(f"Checking {spec.slug} ({spec.display_name}): {settings.target.describe()}")
-    ok = asyncio.run(check(settings, lambda line: print(line, flush=True)))
+    declared = declares_curve(spec.spec.get("metadata"))
+    ok = asyncio.run(check(settings, lambda line: print(line, flush=True), declared))
     if ok:
         print(f"OK: {spec.slug} is ready to use.")
         return 0
@@ -50,8 +53,9 @@ def run(args: argparse.Namespace) -> int:
     return 1
 
 
-async def check(settings: KernelSettings, report: Report) -> bool:
-    """Run every step, reporting each; True when a kernel could start."""
+async def check(settings: KernelSettings, report: Report, declared: bool = False) -> bool:
+    """Run every step, reporting each; True when a kernel could start. ``declared``: the
+    kernelspec declares CurveZMQ support."""
     target = settings.target
 
     def hop_done(index: int, seconds: float) -> None:
@@ -62,9 +66,10 @@ async def check(settings: KernelSettings, report: Report) -> bool:
 
     try:
         async with agent_session(settings, hop_done) as agent:
-            return _report_remote(agent, settings, report) and await _report_round_trip(
-                agent, report
-            )
+            ok = _report_remote(agent, settings, report) and await _report_round_trip(agent, report)
+            if ok:
+                _report_traffic(agent, settings, declared, report)
+            return ok
     except RemoteKernelError as exc:
         report(f"  {FAIL:<6} {exc}")
         return False
@@ -97,3 +102,15 @@ async def _report_round_trip(agent: RemoteAgent, report: Report) -> bool:
         samples.append(time.perf_counter() - started)
     report(f"  {OK:<6} round trip: {statistics.median(samples) * 1000:.1f} ms (median of {PINGS})")
     return True
+
+
+def _report_traffic(
+    agent: RemoteAgent, settings: KernelSettings, declared: bool, report: Report
+) -> None:
+    """Whether other users of the host could read the kernel's traffic (a warning, not a
+    failure: the kernel runs)."""
+    exposed, line = traffic(
+        settings.target.host.label, settings.transport, declared, bool(settings.kernel_argv),
+        None if settings.kernel_argv else str(agent.hello.get("ipykernel") or ""),
+    )  # fmt: skip
+    report(f"  {WARN if exposed else OK:<6} {line.removeprefix('warning: ')}")

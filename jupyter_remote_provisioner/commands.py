@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .encryption import declares_curve, traffic
 from .errors import ConfigError
 from .kernelspec import (
     RemoteSpec,
@@ -112,6 +113,12 @@ def register(subparsers: Any) -> None:
         help="file or directory (relative to the notebook's directory) copied to the kernel's "
         "working directory before each start; repeat for more",
     )
+    add.add_argument(
+        "--curve",
+        action="store_true",
+        help="the --kernel-argv kernel supports CurveZMQ encryption: declare it in the spec, so "
+        "that its tcp traffic is encrypted (ipykernel specs always declare it)",
+    )
     add.add_argument("--language", default="python", help="kernel language (default: python)")
     add.add_argument("--identity-file", metavar="FILE", help="private key for every hop")
     add.add_argument(
@@ -199,6 +206,7 @@ def run_add(args: argparse.Namespace) -> int:
         cwd=args.cwd,
         language=args.language,
         extra_config=extra,
+        curve=args.curve,
     )
     summary = _summary(name, args.endpoint, jumps)
     if args.out:
@@ -311,6 +319,7 @@ def run_show(args: argparse.Namespace) -> int:
             "cwd_here": here,
             "upload": uploads,
             "target": _target_json(target),
+            "traffic_exposed": _traffic(spec)[0],
         }
         print(json.dumps(info, indent=2))
         return 0
@@ -336,6 +345,7 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"    known_hosts: {', '.join(hop.known_hosts)}")
     print(f"  ssh command: {target.ssh_command()}")
     print(f"remote kernel: {_remote_command(spec.config)}")
+    print(_traffic(spec)[1])
     print(f"remote cwd: {cwd}")
     for local, remote in path_map.items():
         print(f"  for notebooks under {local}: the same place under {remote}")
@@ -377,6 +387,15 @@ def _target_json(target: Target) -> dict[str, Any]:
         "hops": [hop(h) for h in target.hops],
         "ssh_command": target.ssh_command(),
     }
+
+
+def _traffic(spec: RemoteSpec) -> tuple[bool, str]:
+    """Whether other users of the host can read the kernel's traffic, and the line that
+    says so (see :func:`.encryption.traffic`)."""
+    settings = settings_from_config(spec.config)
+    declared = declares_curve(spec.spec.get("metadata"))
+    host = settings.target.host.label
+    return traffic(host, settings.transport, declared, bool(settings.kernel_argv))
 
 
 def _read_kernel_json(spec: RemoteSpec) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .agent import AgentError, AgentLost, RemoteAgent, shared_agent
+from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
 from .late_stop import stop_when_reachable
 from .pool import POOL
@@ -85,6 +86,7 @@ class RemoteKernel:
         self._recovery: asyncio.Task[None] | None = None
         self._agent_client: int | None = None  # the agent daemon's id for our channel
         self._late_stop: asyncio.Task[None] | None = None  # see abandon()
+        self.curve: dict[str, str] = {}  # the Curve keys the kernel runs with, if any
 
     @property
     def running(self) -> bool:
@@ -99,7 +101,8 @@ class RemoteKernel:
     ) -> dict[str, Any]:
         """Upload, launch the kernel and return jupyter_client connection info with local ports.
 
-        ``session`` holds ``key`` (bytes), ``signature_scheme`` and ``kernel_name``.
+        ``session`` holds ``key`` (bytes), ``signature_scheme`` and ``kernel_name``, and
+        for transport encryption ``curve`` (the two Curve keys) and ``curve_required``.
         ``local_dir`` is the notebook's directory (default: ours), which ``path_map`` and
         ``upload`` are taken from. On a restart the connection and the local ports are reused.
         """
@@ -145,10 +148,13 @@ class RemoteKernel:
             self.pid,
             time.monotonic() - started,
         )
-        return self._connection_info(session)
+        return self._connection_info(session, self.curve)
 
-    def _connection_info(self, session: Mapping[str, Any]) -> dict[str, Any]:
-        """jupyter_client connection info: the local listeners plus the session settings."""
+    def _connection_info(
+        self, session: Mapping[str, Any], curve: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """jupyter_client connection info: the local listeners plus the session settings
+        (and the Curve keys when the kernel encrypts: its client must use them too)."""
         return {
             "transport": "tcp",
             "ip": "127.0.0.1",
@@ -156,7 +162,21 @@ class RemoteKernel:
             "key": session.get("key", ""),
             "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
             "kernel_name": session.get("kernel_name", ""),
+            **curve,
         }
+
+    async def _curve_keys(self, session: Mapping[str, Any]) -> dict[str, str]:
+        """The Curve keys asked for, unless the remote ipykernel is too old to use them
+        (its version comes with the agent's hello, waited for only in that case)."""
+        keys, settings = keys_of(session.get("curve") or {}), self.settings
+        if not keys or settings.kernel_argv:
+            return keys
+        await self._agent_ready()
+        assert self._agent is not None
+        return usable_keys(
+            keys, bool(session.get("curve_required")), self._agent.hello.get("ipykernel"),
+            settings.target.host.label, settings.python, settings.transport, self.log,
+        )  # fmt: skip
 
     async def _connect(self) -> None:
         settings = self.settings
@@ -219,6 +239,7 @@ class RemoteKernel:
         assert self._agent is not None
         settings = self.settings
         key = session["key"]
+        self.curve = await self._curve_keys(session)
         self._agent.on_exit(self.kernel_id, self._on_exit)
         launch = asyncio.ensure_future(
             self._agent.request(
@@ -236,6 +257,7 @@ class RemoteKernel:
                     "key": key.decode() if isinstance(key, bytes) else key,
                     "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
                     "kernel_name": session.get("kernel_name", ""),
+                    **self.curve,
                 },
             )
         )
@@ -366,7 +388,9 @@ class RemoteKernel:
             await self.close(keep_kernel=True, persist=False)
             raise
         self.pid, self.exit_status, self._running = reply.get("pid"), None, True
-        return self._connection_info(reply.get("connection") or {})
+        connection = reply.get("connection") or {}
+        self.curve = keys_of(connection)
+        return self._connection_info(connection, self.curve)
 
     async def _reattach(self) -> dict[str, Any]:
         """One attempt: a live connection and agent, ownership of the kernel, the forwards."""

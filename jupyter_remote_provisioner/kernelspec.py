@@ -79,11 +79,14 @@ def build_spec(
     cwd: str | None = None,
     language: str = "python",
     extra_config: Mapping[str, Any] | None = None,
+    curve: bool = False,
 ) -> dict[str, Any]:
     """The ``kernel.json`` dict of a remote kernel; raises ConfigError for a bad setting.
 
     The config holds only the keys given, and is validated by the provisioner itself, so a
-    mistake shows up when the spec is added rather than when the kernel starts.
+    mistake shows up when the spec is added rather than when the kernel starts. The spec
+    declares CurveZMQ support (``metadata.supported_encryption``) for ipykernel, whose
+    version the provisioner checks at start, and for a ``kernel_argv`` kernel when ``curve``.
     """
     if not display_name.strip():
         raise ConfigError("the display name is empty; pass --name")
@@ -105,14 +108,17 @@ def build_spec(
             raise ConfigError(f"config key {key!r} is given twice")
         config[key] = value
     validate_config(config)
+    metadata: dict[str, Any] = {
+        "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}
+    }
+    if curve or not config.get("kernel_argv"):
+        metadata["supported_encryption"] = ["curve"]
     return {
         "argv": [launcher_path(), *LAUNCH_ARGS],
         "display_name": display_name,
         "language": language,
         "interrupt_mode": "signal",
-        "metadata": {
-            "kernel_provisioner": {"provisioner_name": PROVISIONER_NAME, "config": config}
-        },
+        "metadata": metadata,
     }
 
 

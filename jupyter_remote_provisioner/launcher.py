@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import loop
+from .encryption import keys_of
 from .errors import ConfigError
 from .kernel import LOST, RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
@@ -83,7 +84,8 @@ def read_spec_config(spec_dir: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def read_connection_file(path: str) -> Connection:
-    """Ports and session of the client's connection file (loopback TCP only)."""
+    """Ports and session of the client's connection file (loopback TCP only). Curve keys in
+    it are the client's: the remote kernel must use them (an ipykernel too old fails)."""
     try:
         info = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -102,6 +104,9 @@ def read_connection_file(path: str) -> Connection:
         "signature_scheme": info.get("signature_scheme", "hmac-sha256"),
         "kernel_name": info.get("kernel_name", ""),
     }
+    curve = keys_of(info)
+    if curve:
+        session.update(curve=curve, curve_required=True)
     return Connection(ports, session)
 
 
@@ -110,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
     connection = read_connection_file(args.connection_file)
     settings = settings_from_config(config)
     log_to_stderr()
+    if settings.transport == "tcp" and "curve" not in connection.session:
+        log.warning(
+            "warning: kernel traffic: unencrypted loopback tcp ports on %s: other users there "
+            "can read every cell's code and output (the client's connection file has no Curve "
+            "keys); use transport ipc if the kernel supports Unix sockets",
+            settings.target.host.label,
+        )
     kernel = RemoteKernel(str(uuid.uuid4()), settings, log)
     return asyncio.run(_serve(kernel, connection, remote_env(spec_env, os.environ)))
 

@@ -14,11 +14,13 @@ from collections.abc import Iterable, Mapping
 from string import Template
 from typing import Any, cast
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Dict, Enum, Float, List, TraitError, Unicode, Union
 
 from . import loop
+from .encryption import CURVE_KEYS, declares_curve, keys_of, new_keys, wanted
 from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
 from .target import DEFAULT_SSH_CONFIG, resolve
@@ -150,6 +152,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._remote_env: dict[str, str] = {}
         self._local_dir = os.getcwd()
         self._holds_loop = False
+        self._curve: dict[str, str] = {}
 
     # -- settings ----------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "key": key,
             "signature_scheme": getattr(session, "signature_scheme", "hmac-sha256"),
             "kernel_name": getattr(km, "kernel_name", "") or "",
+            **self._encryption(self._kernel.settings.transport),
         }
         if not self._holds_loop:
             loop.acquire()
@@ -225,6 +229,23 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise
         self.connection_info = cast(KernelConnectionInfo, connection_info)
         return self.connection_info
+
+    def _encryption(self, transport: str) -> dict[str, Any]:
+        """The Curve keys to start the kernel with, when :func:`.encryption.wanted` says so;
+        the same keys on every restart (the client keeps its own), like the session key."""
+        km = self.parent
+        policy = str(getattr(km, "transport_encryption", "disabled")).lower()
+        declared = declares_curve(getattr(self.kernel_spec, "metadata", None))
+        if not wanted(policy, declared, transport):
+            return {}
+        if not hasattr(km, "curve_publickey") or not zmq.has("curve"):
+            self.log.warning("jupyter_client (8.10 or newer) or pyzmq here cannot use CurveZMQ: "
+                             "the kernel runs unencrypted over %s", transport)  # fmt: skip
+            return {}
+        self._curve = keys_of({k: getattr(km, k, None) for k in CURVE_KEYS}) or (
+            self._curve or new_keys()
+        )
+        return {"curve": self._curve, "curve_required": policy == "required"}
 
     async def poll(self) -> int | None:
         """The exit status pushed by the remote agent: no network round trip."""

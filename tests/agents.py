@@ -20,6 +20,7 @@ import pytest
 from jupyter_client import BlockingKernelClient
 
 from jupyter_remote_provisioner.agent import agent_source
+from jupyter_remote_provisioner.remote.common import PROTOCOL
 
 from sshd import pid_alive
 
@@ -148,7 +149,9 @@ class Agent:
         return self.proc.wait(timeout)
 
     def socket_path(self):
-        return os.path.join(self.hello["base"] + "-agent", f"agent-{sha12(sys.executable)}-v2.sock")
+        return os.path.join(
+            self.hello["base"] + "-agent", f"agent-{sha12(sys.executable)}-v{PROTOCOL}.sock"
+        )
 
     def destroy(self):
         """Best-effort cleanup after a test, even a failed one: relay, daemon, kernels."""

@@ -56,11 +56,18 @@ _JUPYTER_VARS = (
 def _spec_factory(
     kernels_dir: Path, request: pytest.FixtureRequest, base: dict[str, Any]
 ) -> Callable[..., str]:
-    def make(interrupt_mode: str = "signal", argv: list[str] | None = None, **config: Any) -> str:
+    def make(
+        interrupt_mode: str = "signal",
+        argv: list[str] | None = None,
+        metadata: dict[str, Any] | None = None,
+        **config: Any,
+    ) -> str:
         slug = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
         name = f"{slug}_{next(_names)}"
         config = {**base, **config}
-        return write_spec(kernels_dir, name, config, interrupt_mode=interrupt_mode, argv=argv)
+        return write_spec(
+            kernels_dir, name, config, interrupt_mode=interrupt_mode, argv=argv, metadata=metadata
+        )
 
     return make
 

@@ -84,8 +84,10 @@ def write_spec(
     display_name: str | None = None,
     env: dict[str, str] | None = None,
     argv: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
-    """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name."""
+    """Write a remote kernelspec ``name`` into ``kernels_dir`` and return its name;
+    ``metadata`` is added to its ``metadata`` (e.g. ``supported_encryption``)."""
     spec_dir = kernels_dir / name
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec = {
@@ -94,7 +96,10 @@ def write_spec(
         "language": "python",
         "interrupt_mode": interrupt_mode,
         "env": env or {},
-        "metadata": {"kernel_provisioner": {"provisioner_name": PROVISIONER, "config": config}},
+        "metadata": {
+            "kernel_provisioner": {"provisioner_name": PROVISIONER, "config": config},
+            **(metadata or {}),
+        },
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
     return name
@@ -112,6 +117,19 @@ def run_cell(
 
     reply = kc.execute_interactive(code, timeout=timeout, output_hook=on_output)
     return "".join(out), reply["content"]
+
+
+def run_through_file(path: Path, code: str, timeout: float = 30) -> tuple[str, dict[str, Any]]:
+    """Connect a fresh client with the connection file ``path``, run ``code``, disconnect;
+    return (stdout text, execute_reply content), as ``jupyter console --existing`` would."""
+    kc = BlockingKernelClient()
+    kc.load_connection_file(str(path))
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=timeout)
+        return run_cell(kc, code, timeout)
+    finally:
+        kc.stop_channels()
 
 
 def printed(kc: BlockingKernelClient, text: str) -> bool:

@@ -338,5 +338,6 @@ def test_example_kernelspecs_install_and_list(cli: Cli) -> None:
 
     show = cli.rk("show", "remote_r").stdout
     assert "remote kernel: R --slave -e 'IRkernel::main()' --args {connection_file}\n" in show
+    assert "\nwarning: kernel traffic: unencrypted loopback tcp ports on gpu.example.com" in show
     show = cli.rk("show", "remote_ssh_alias").stdout
     assert "  ssh command: ssh " in show and "remote cwd: ~/work\n" in show

@@ -88,8 +88,16 @@ def test_build_spec_argv_and_metadata() -> None:
         "kernel_provisioner": {
             "provisioner_name": PROVISIONER_NAME,
             "config": {"host": "ubuntu@11.0.0.10:22", "jump": ["gw@1.1.1.1:3223"]},
-        }
+        },
+        "supported_encryption": ["curve"],  # ipykernel 7.4+; the provisioner checks at start
     }
+
+
+def test_build_spec_declares_curve_for_kernel_argv_only_when_asked() -> None:
+    r_argv = {"kernel_argv": ["R", "{connection_file}"]}
+    assert "supported_encryption" not in build_spec("R", "gpu", extra_config=r_argv)["metadata"]
+    spec = build_spec("R", "gpu", extra_config=r_argv, curve=True)
+    assert spec["metadata"]["supported_encryption"] == ["curve"]
 
 
 def test_build_spec_keeps_only_given_keys() -> None:

@@ -14,14 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from kernels import printed, remote_kernel_dirs, remote_processes, run_cell, wait_for
+from kernel_fixtures import PYTHON
+from kernels import (
+    printed,
+    remote_base,
+    remote_kernel_dirs,
+    remote_processes,
+    run_cell,
+    wait_for,
+)
 from sshd import port_is_free
 
 pytestmark = pytest.mark.timeout(120)
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+IPYKERNEL_ARGV = [PYTHON, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
 
 
 def launcher_argv() -> list[str]:
@@ -46,7 +56,12 @@ class VSCodeStyleLaunch:
     """Write a connection file, run the spec's argv, connect a client: what VS Code does."""
 
     def __init__(
-        self, kernels_dir: Path, kernel_name: str, workdir: Path, cwd: Path | None = None
+        self,
+        kernels_dir: Path,
+        kernel_name: str,
+        workdir: Path,
+        cwd: Path | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         spec_dir = kernels_dir / kernel_name
         argv = json.loads((spec_dir / "kernel.json").read_text())["argv"]
@@ -54,6 +69,7 @@ class VSCodeStyleLaunch:
         self.info.update(
             ip="127.0.0.1", transport="tcp", key="vscode-test-key", signature_scheme="hmac-sha256"
         )
+        self.info.update(extra or {})  # what a client may add, e.g. Curve keys
         connection_file = workdir / "kernel-vscode.json"
         connection_file.write_text(json.dumps(self.info))
         connection_file.chmod(0o600)
@@ -98,8 +114,8 @@ def launch(kernels_dir, tmp_path, no_leftovers):
     """``launch(name)`` runs a spec the VS Code way; everything is checked gone afterwards."""
     launches: list[VSCodeStyleLaunch] = []
 
-    def start(kernel_name: str, cwd: Path | None = None) -> VSCodeStyleLaunch:
-        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path, cwd))
+    def start(kernel_name: str, cwd: Path | None = None, **extra: Any) -> VSCodeStyleLaunch:
+        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path, cwd, extra))
         return launches[-1]
 
     yield start
@@ -192,3 +208,28 @@ def test_vscode_launch_uploads_from_the_notebook_directory(remote_spec, launch, 
     assert out == f"{remote_work} a,b\n"
     started.proc.send_signal(signal.SIGTERM)
     assert started.exit_status() == 0
+
+
+def test_curve_keys_of_the_client_encrypt_a_tcp_kernel(remote_spec, launch, remote_tmp):
+    """A client that puts Curve keys in its connection file gets an encrypted kernel: the
+    keys reach the remote connection file, and only a Curve client can talk to it."""
+    public, secret = (key.decode() for key in zmq.curve_keypair())
+    spec = remote_spec(argv=launcher_argv(), kernel_argv=IPYKERNEL_ARGV)
+    started = launch(spec, curve_publickey=public, curve_secretkey=secret)
+    out, reply = run_cell(started.connect(), "print('sealed')")
+    assert reply["status"] == "ok" and out == "sealed\n"
+    (kernel_dir,) = remote_kernel_dirs(remote_tmp)
+    info = json.loads((remote_base(remote_tmp) / kernel_dir / "connection.json").read_text())
+    assert (info["transport"], info["curve_secretkey"]) == ("tcp", secret)
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.exit_status() == 0
+    assert "kernel traffic" not in started.close()
+
+
+def test_tcp_kernel_without_client_keys_is_said_to_be_exposed(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv(), kernel_argv=IPYKERNEL_ARGV))
+    run_cell(started.connect(), "pass")
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.exit_status() == 0
+    (line,) = [line for line in started.close().splitlines() if "kernel traffic" in line]
+    assert "unencrypted loopback tcp ports on testhost" in line and "no Curve keys" in line

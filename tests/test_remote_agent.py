@@ -30,6 +30,8 @@ from agents import (
     wait_stdout,
 )
 
+from jupyter_remote_provisioner.remote.common import PROTOCOL
+
 from kernels import wait_for
 from sshd import pid_alive
 
@@ -45,7 +47,7 @@ def test_bootstrap_matches_the_local_side():
 
 def test_hello(agent, rtmp):
     h = agent.hello
-    assert h["protocol"] == 2 and h["pid"] == h["daemon_pid"] != agent.proc.pid
+    assert h["protocol"] == PROTOCOL and h["pid"] == h["daemon_pid"] != agent.proc.pid
     assert h["python"] == ".".join(map(str, sys.version_info[:3]))
     assert h["executable"] == sys.executable
     assert h["ipykernel"] == importlib.metadata.version("ipykernel")

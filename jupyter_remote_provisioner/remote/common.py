@@ -11,7 +11,7 @@ import stat
 import sys
 import time
 
-PROTOCOL = 2
+PROTOCOL = 3  # 3: Curve keys in a launch's connection (a v2 daemon would drop them)
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 FULL = (errno.ENOSPC, errno.EDQUOT)
 START_TIMEOUT = 10.0  # seconds for a new daemon to listen, and for a hello to arrive

@@ -25,6 +25,8 @@ from .common import (
 from .records import write_record
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
+CURVE_KEYS = ("curve_publickey", "curve_secretkey")  # Z85 text, 40 characters each
+
 
 def alloc_ports(n=5):
     """n distinct free localhost ports, none already handed to a live kernel."""
@@ -72,6 +74,9 @@ def check_launch(req):
         raise AgentError(f"unknown transport {transport!r}")
     if not isinstance(conn, dict) or not isinstance(conn.get("key"), str):
         raise AgentError("launch needs connection.key")
+    curve = [conn.get(name) for name in CURVE_KEYS]
+    if any(curve) and not all(isinstance(k, str) and len(k) == 40 for k in curve):
+        raise AgentError("connection.curve_publickey and curve_secretkey must be Z85 keys")
     orphan = req.get("orphan_timeout", 0)
     if orphan is not None and (
         isinstance(orphan, bool) or not isinstance(orphan, (int, float)) or orphan < 0
@@ -131,6 +136,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
         info.update(ip=ip, transport=transport, key=conn["key"])
         info.update(signature_scheme=conn.get("signature_scheme", "hmac-sha256"))
         info.update(kernel_name=conn.get("kernel_name", ""))
+        info.update((name, conn[name]) for name in CURVE_KEYS if conn.get(name))
         cfile = write_connection_file(kdir, info)
         cmd = [a.replace("{connection_file}", cfile) for a in argv]
         full_env = dict(client.env, **env)

@@ -7,7 +7,7 @@ import time
 
 from .adopt import adopt_orphans
 from .common import AgentError, one_line
-from .launch import op_launch
+from .launch import CURVE_KEYS, op_launch
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, terminate_kernels
 
 
@@ -61,7 +61,8 @@ def op_attach(client, req):
             info = json.load(f)
     except (OSError, ValueError) as e:
         raise AgentError(f"cannot read the connection file of kernel {k.kid}: {e}") from None
-    connection = {name: info.get(name) for name in ("key", "signature_scheme", "kernel_name")}
+    names = ("key", "signature_scheme", "kernel_name") + CURVE_KEYS
+    connection = {name: info.get(name) for name in names if name in info}
     reply = {"pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir, "endpoints": k.endpoints}
     return dict(reply, orphan_timeout=k.orphan_timeout, connection=connection)
 
