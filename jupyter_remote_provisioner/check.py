@@ -43,7 +43,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = find_spec(args.name)
     settings = settings_from_config(spec.config)
-    print(f"Checking {spec.slug} ({spec.display_name}): {settings.target.describe()}")
+    print(f"Checking {spec.slug} ({spec.display_name}): {settings.target.describe(users=True)}")
     declared = declares_curve(spec.spec.get("metadata"))
     ok = asyncio.run(check(settings, lambda line: print(line, flush=True), declared))
     if ok:

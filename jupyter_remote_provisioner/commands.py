@@ -39,7 +39,7 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 ADD_EPILOG = """\
 examples:
-  %(prog)s --endpoint ubuntu@11.0.0.10:22 -J gw@1.1.1.1:3223 --name "Remote CUDA"
+  %(prog)s --endpoint ubuntu@192.0.2.10:22 -J gw@bastion.example.com:3223 --name "Remote CUDA"
   %(prog)s --endpoint gpu --name "GPU box" --python /opt/conda/bin/python
   %(prog)s --endpoint gpu --name "Remote R" --language R \\
       --kernel-argv "R --slave -e IRkernel::main() --args {connection_file}"
@@ -358,7 +358,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 def run_delete(args: argparse.Namespace) -> int:
     """Remove one remote kernelspec; other kinds are refused by :func:`find_spec`."""
-    spec = find_spec(args.name)
+    spec = find_spec(args.name, removing=True)
     path = remove_spec(spec)
     print(f"Removed kernelspec {spec.slug} ({path})")
     return 0

@@ -3,7 +3,8 @@
 It starts a throwaway SSH host on 127.0.0.1 (:mod:`.demohost`), registers a kernelspec for
 it, starts a kernel through the provisioner as JupyterLab would, runs a cell, shuts the
 kernel down and removes everything, timing each step. ``--keep`` leaves the host and the
-kernelspec in place and says how to open JupyterLab with them.
+kernelspec in place and says how to open JupyterLab with them. A failure leaves nothing.
+The host runs the remote side here, so the demo needs Linux or macOS.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .demohost import DemoHost
-from .errors import RemoteKernelError
+from .errors import ConfigError, RemoteKernelError
 from .kernelspec import build_spec, find_spec, install_spec, remove_spec
+from .pool import close_kept_connections
+
+if TYPE_CHECKING:
+    from .demohost import DemoHost  # imported in run(): Windows is refused first
 
 KEPT_SLUG = "remote_demo"
 CELL = (
@@ -78,29 +82,45 @@ class Steps:
 
 
 def run(args: argparse.Namespace) -> int:
+    if sys.platform == "win32":
+        raise RemoteKernelError(
+            "the demo runs the remote side on this machine, which needs Linux or macOS; on "
+            "Windows run it in WSL, or `remote_kernel add` a Linux host"
+        )
+    from .demohost import DemoHost
+
     def out(line: str) -> None:
         print(line, flush=True)
 
     out("jupyter-remote-provisioner demo: a remote kernel on a throwaway SSH host")
     steps = Steps(out)
     host = DemoHost(Path(tempfile.mkdtemp(prefix="jrp-demo-")), backend=args.backend)
+    slug = KEPT_SLUG if args.keep else "demo_remote"
     with _jupyter_dirs(keep=args.keep):
+        registered = False
         try:
             with steps.step("started a throwaway SSH host") as details:
                 host.start()
                 details.append(f"{_backend_name(host)} on {host.host}:{host.port}, as {host.user}")
-            slug = KEPT_SLUG if args.keep else "demo_remote"
             with steps.step(f"registered kernelspec {slug}") as details:
+                registered = True
                 details.append(_register(host, slug))
             _run_kernel(slug, steps)
             if args.keep:
+                close_kept_connections()  # the demo's own, before the host moves
                 host.detach()
                 out(f"Done in {steps.total():.1f} s. Kept for you:")
                 out(_kept_text(host, slug))
                 return 0
             with steps.step("removed the kernelspec and the SSH host"):
+                registered = False
                 remove_spec(find_spec(slug))
                 host.stop()
+        except BaseException:
+            if registered:  # a failure leaves no kernelspec pointing at a removed host
+                with contextlib.suppress(ConfigError):
+                    remove_spec(find_spec(slug))
+            raise
         finally:
             host.stop()  # does nothing once detached
     out(f"Done in {steps.total():.1f} s; nothing is left behind.")
@@ -114,7 +134,10 @@ def _run_kernel(slug: str, steps: Steps) -> None:
     km = KernelManager(kernel_name=slug)
     try:
         with steps.step("started the kernel through the provisioner (SSH, agent, forwards)"):
-            km.start_kernel()
+            try:
+                km.start_kernel()
+            except OSError as exc:  # e.g. Jupyter's runtime directory cannot be written
+                raise RemoteKernelError(f"cannot start the demo kernel: {exc}") from None
             kc = km.client()
             kc.start_channels()
             kc.wait_for_ready(timeout=60)
@@ -134,10 +157,14 @@ def _run_kernel(slug: str, steps: Steps) -> None:
             km.shutdown_kernel(now=True)
 
 
+def _display_name(host: DemoHost) -> str:
+    return f"Remote demo ({host.host}:{host.port})"
+
+
 def _register(host: DemoHost, slug: str) -> str:
     """Install the demo's kernelspec in the user's (or, without --keep, a private) data dir."""
     spec = build_spec(
-        f"Remote demo ({host.host}:{host.port})",
+        _display_name(host),
         host.alias,
         python=sys.executable,
         extra_config={"ssh_config": str(host.ssh_config)},
@@ -169,15 +196,18 @@ def _jupyter_dirs(keep: bool) -> Iterator[None]:
 
 
 def _kept_text(host: DemoHost, slug: str) -> str:
+    name = _display_name(host)
+    root = sys.platform != "win32" and os.geteuid() == 0
+    lab = "jupyter lab --allow-root" if root else "jupyter lab"  # it refuses root otherwise
     lines = [
-        f'  kernelspec {slug} ("Remote demo") in your Jupyter kernels',
+        f'  kernelspec {slug} ("{name}") in your Jupyter kernels',
         "  " + host.describe_kept().replace("\n", "\n  "),
-        'Open JupyterLab and pick "Remote demo" in the kernel picker:',
-        "  jupyter lab        (pip install jupyterlab, if it is missing)",
+        f'Open JupyterLab and pick "{name}" in the kernel picker:',
+        f"  {lab}        (pip install jupyterlab, if it is missing)",
         f"Check it with: remote_kernel check {slug}",
         (
             f"Remove it all with: remote_kernel delete {slug} && kill {host.pid} && "
-            f"rm -r {shlex.quote(str(host.workdir))}"
+            f"rm -rf {shlex.quote(str(host.workdir))}"
         ),
     ]
     return "\n".join(lines)

@@ -1,20 +1,26 @@
 """A throwaway SSH host on 127.0.0.1 (OpenSSH's sshd, else an embedded asyncssh server), so
 the ``demo`` command needs no SSH server set up. :class:`DemoHost` owns its working directory:
 it must be missing or empty at ``start()``; ``stop()`` deletes it (after ``detach()``, the user
-does). It holds a fresh client key, known_hosts and an ssh_config ``Host`` block."""
+does). It holds a fresh client key, known_hosts and an ssh_config ``Host`` block.
+
+The host runs the remote side on this machine, so it needs what the remote side needs: a
+POSIX system (Linux or macOS). It finds its sessions' processes through ``/proc`` where there
+is one (Linux), else through ``ps`` (macOS); only Linux ties the sshd to this process's life.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
-import pwd
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -26,10 +32,28 @@ import asyncssh
 
 from .errors import RemoteKernelError
 
+if sys.platform != "win32":  # like the remote side it runs, the host is POSIX-only
+    import pwd
+
+    KILL, STOP_SIGNALS = signal.SIGKILL, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+else:
+    KILL, STOP_SIGNALS = signal.SIGTERM, (signal.SIGTERM, signal.SIGINT)
+
 MARKER_VAR = "JRP_DEMO_HOST"  # in every session's environment, to find what sessions start
+KEPT_ENV_VAR = "JRP_DEMO_KEPT_ENV"  # a kept embedded host's session environment (JSON)
 LOOPBACK = "127.0.0.1"
-_LINUX = os.uname().sysname == "Linux"
-_LIBC = ctypes.CDLL(None, use_errno=True) if _LINUX else None  # loaded now: no dlopen after fork
+PROC = Path("/proc")  # Linux; elsewhere ``ps`` lists processes
+# for PR_SET_PDEATHSIG (Linux only), loaded now: no dlopen after fork
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def account() -> tuple[str, str, str]:
+    """This process's user name, home directory and login shell (from its uid); the host
+    logs in only this user. Not on Windows: the remote side it runs is POSIX-only."""
+    if sys.platform != "win32":
+        entry = pwd.getpwuid(os.getuid())
+        return entry.pw_name, entry.pw_dir, entry.pw_shell
+    raise RemoteKernelError("the demo host needs Linux or macOS")
 
 
 def find_sshd() -> str | None:
@@ -86,13 +110,11 @@ def wait_listening(proc: subprocess.Popen[bytes], log: Path, offset: int, timeou
 
 def session_pids(marker: str, sshd: int | None = None) -> list[int]:
     """Processes with ``MARKER_VAR=marker`` in their environment, and all below ``sshd``."""
-    needle, children, found = f"{MARKER_VAR}={marker}".encode(), dict[int, list[int]](), []
-    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()] if _LINUX else []:
-        with contextlib.suppress(OSError, IndexError):
-            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                found.append(pid)
-            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(pid)
+    needle, children, found = f"{MARKER_VAR}={marker}", dict[int, list[int]](), []
+    for pid, ppid, environment in _processes():
+        if needle in environment:
+            found.append(pid)
+        children.setdefault(ppid, []).append(pid)
     todo = list(children.get(sshd, [])) if sshd else []
     while todo:
         found.append(child := todo.pop())
@@ -100,10 +122,35 @@ def session_pids(marker: str, sshd: int | None = None) -> list[int]:
     return sorted(set(found))
 
 
+def _processes() -> list[tuple[int, int, list[str]]]:
+    """(pid, parent pid, environment entries) of every process we may see."""
+    if not PROC.is_dir():  # macOS: ps prints the environment after the command (e)
+        argv = ["ps", "axeww", "-o", "pid=,ppid=,command="]
+        lines = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        rows = [line.split() for line in lines.stdout.splitlines()]
+        return [(int(r[0]), int(r[1]), r[2:]) for r in rows if len(r) > 1 and r[0].isdigit()]
+    table = []
+    for pid in [int(p) for p in os.listdir(PROC) if p.isdigit()]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            environment = (PROC / str(pid) / "environ").read_bytes().decode(errors="replace")
+            ppid = int(_proc_stat(pid)[1])
+            table.append((pid, ppid, environment.split("\0")))
+    return table
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: state, ppid, ..."""
+    return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    if not PROC.is_dir():
+        state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True,
+                               text=True, timeout=30, check=False).stdout.strip()  # fmt: skip
+        return bool(state) and not state.startswith("Z")
+    with contextlib.suppress(OSError, IndexError):
+        return _proc_stat(pid)[0] != "Z"
     return False
 
 
@@ -116,7 +163,7 @@ def free_port() -> int:
 
 def kill_pids(pids: list[int], grace: float = 0.0) -> None:
     """SIGTERM and wait up to ``grace`` s (if > 0), then SIGKILL; wait (bounded) until gone."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+    for sig, wait in ((signal.SIGTERM, grace), (KILL, 5.0)):
         for pid in pids if wait else []:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
@@ -139,7 +186,7 @@ async def _copy(source: Any, sink: Any, close: bool = False) -> None:
 
 class _Server(asyncssh.SSHServer):  # the embedded server's policy
     def begin_auth(self, username: str) -> bool:
-        if username != pwd.getpwuid(os.getuid()).pw_name:
+        if username != account()[0]:
             raise asyncssh.PermissionDenied(f"user {username} may not log in to the demo host")
         return True  # then authorized_client_keys decides
 
@@ -162,7 +209,7 @@ class DemoHost:
         self.backend = backend if backend != "auto" else ("openssh" if find_sshd() else "asyncssh")
         self.workdir = Path(workdir).absolute()
         self.alias, self.host, self.port = alias, LOOPBACK, 0
-        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.user = account()[0]
         self.identity_file, self.known_hosts, self.ssh_config, self.log = (
             self.workdir / name for name in ("id_ed25519", "known_hosts", "ssh_config", "sshd.log")
         )
@@ -221,7 +268,7 @@ class DemoHost:
         host_key, pub = self.workdir / "ssh_host_ed25519_key", Path(f"{self.identity_file}.pub")
         lines = sshd_config_lines(self.port, self.host, host_key, pub, pid_file, self.session_env)
         config.write_text("\n".join([*lines, f"AllowUsers {self.user}"]) + "\n")
-        if os.geteuid() == 0:
+        if sys.platform != "win32" and os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # privilege separation dir
         offset = self.log.stat().st_size if self.log.exists() else 0
         libc = _LIBC if die_with_parent else None
@@ -236,11 +283,11 @@ class DemoHost:
         if tail := wait_listening(self._proc, self.log, offset, 10.0):
             raise RemoteKernelError(f"the demo sshd on port {self.port} did not start: {tail}")
 
-    async def _serve(self, host_key: Path, ready: Future[int]) -> None:
+    async def _serve(self, host_key: Path, ready: Future[int], port: int = 0) -> None:
         """The embedded server's thread: listen, serve until stop(), then clean up."""
         try:
             acceptor = await asyncssh.listen(
-                self.host, 0, server_factory=_Server, server_host_keys=[str(host_key)],
+                self.host, port, server_factory=_Server, server_host_keys=[str(host_key)],
                 authorized_client_keys=f"{self.identity_file}.pub", acceptor=self._conns.append,
                 process_factory=self._run, encoding=None, allow_pty=False, agent_forwarding=False,
             )  # fmt: skip
@@ -255,10 +302,10 @@ class DemoHost:
 
     async def _run(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
         """One session as sshd runs it: ``$SHELL -c COMMAND`` (or ``$SHELL``), a new session."""
-        pw = pwd.getpwuid(os.getuid())
-        shell = pw.pw_shell if os.access(pw.pw_shell, os.X_OK) else "/bin/sh"
+        name, home, shell = account()
+        shell = shell if os.access(shell, os.X_OK) else "/bin/sh"
         peer, sock = process.get_extra_info("peername"), process.get_extra_info("sockname")
-        env = {"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name, "SHELL": shell}
+        env = {"HOME": home, "USER": name, "LOGNAME": name, "SHELL": shell}
         env |= {"PATH": os.environ.get("PATH", os.defpath), **self.session_env}
         env["SSH_CONNECTION"] = f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}"
         args = ["-c", process.command] if process.command else []
@@ -278,9 +325,7 @@ class DemoHost:
         """Stop the server, kill what its sessions started, delete the working directory."""
         if self.detached:
             return
-        if self._thread is not None:
-            self._stopping.set()
-            self._thread.join(20)
+        self._stop_thread()
         sshd = [self.pid] if self._proc and self.pid else []
         kill_pids(sshd + session_pids(self.marker, *sshd), grace=3.0)
         if self._proc is not None:
@@ -289,21 +334,72 @@ class DemoHost:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def _stop_thread(self) -> None:
+        """End the embedded server's thread (which ends its sessions), if it runs."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._thread.join(20)
+            self._thread = None
+
     def detach(self) -> None:
-        """Keep the sshd running after this process exits (``demo --keep``); openssh only: it
-        restarts (same port and host key; sessions survive) without its PDEATHSIG tie."""
-        if self.backend != "openssh" or self._proc is None:
-            raise RemoteKernelError("only a running OpenSSH demo host can be kept running")
-        self._proc.terminate()
-        self._proc.wait(timeout=5)
-        self._start_sshd(die_with_parent=False)
+        """Keep the host running after this process exits (``demo --keep``), on the same port
+        with the same keys: the sshd restarts without its PDEATHSIG tie (sessions survive);
+        the embedded server moves to a process of its own (its sessions end)."""
+        if self._proc is None and self._thread is None:
+            raise RemoteKernelError("the demo host is not running; start it first")
+        if self.backend == "openssh" and self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=5)
+            self._start_sshd(die_with_parent=False)
+        else:
+            self._stop_thread()
+            self._start_kept_server()
         self.detached = True
+
+    def _start_kept_server(self) -> None:
+        """Run the embedded server in a process of its own (``main`` below), in a new session,
+        and wait (bounded) until it listens."""
+        argv = [sys.executable, "-m", __name__, str(self.workdir), str(self.port)]
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, KEPT_ENV_VAR: json.dumps(self.session_env)}
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        self.pid = self._proc.pid
+        if tail := wait_listening(self._proc, self.log, offset, 20.0):
+            raise RemoteKernelError(f"the kept demo host on port {self.port} did not start: {tail}")
 
     def describe_kept(self) -> str:
         """How the user reaches, and later stops, a detached host."""
         config, workdir = shlex.quote(str(self.ssh_config)), shlex.quote(str(self.workdir))
+        server = "sshd" if self.backend == "openssh" else "embedded asyncssh server"
         return (
-            f"The demo SSH host keeps running: sshd (pid {self.pid}) on {self.host}:{self.port}; "
-            f"reach it with `ssh -F {config} {self.alias}`.\nStop it and delete its keys with: "
-            f"kill {self.pid} && rm -r {workdir}"
+            f"The demo SSH host keeps running: {server} (pid {self.pid}) on "
+            f"{self.host}:{self.port}; reach it with `ssh -F {config} {self.alias}`.\n"
+            f"Stop it and delete its keys with: kill {self.pid} && rm -rf {workdir}"
         )
+
+
+def main(argv: list[str]) -> int:
+    """``python -m jupyter_remote_provisioner.demohost WORKDIR PORT``: a kept embedded demo
+    host, in the foreground until SIGTERM, SIGINT or SIGHUP; then its sessions' processes
+    end. :meth:`DemoHost.detach` starts it, with the sessions' environment in KEPT_ENV_VAR."""
+    session_env = json.loads(os.environ.pop(KEPT_ENV_VAR))
+    host = DemoHost(Path(argv[0]), backend="asyncssh", session_env=session_env)
+    host.marker, host.port = session_env[MARKER_VAR], int(argv[1])
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda *_: host._stopping.set())
+    ready: Future[int] = Future()
+    ready.add_done_callback(
+        lambda _: print(f"Server listening on {host.host} port {host.port}.", flush=True)
+    )
+    asyncio.run(host._serve(host.workdir / "ssh_host_ed25519_key", ready, host.port))
+    return 0 if ready.done() and ready.exception() is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -27,6 +27,7 @@ from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
 from .late_stop import stop_when_reachable
 from .pool import POOL
+from .signals import SIGKILL, SIGTERM
 from .ssh import Connection
 from .sync_channel import SyncChannel, SyncError
 from .target import Target
@@ -40,7 +41,7 @@ IPYKERNEL_ARGV = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
 LOG_TAIL_LINES = 6
 LOST = -1  # exit status reported when the kernel could not be reached again
 RECONNECT_PAUSES = (0.5, 5.0)  # seconds between reconnect attempts: first, then doubling to max
-CLEAN_EXITS = (0, -signal.SIGTERM, -signal.SIGKILL)
+CLEAN_EXITS = (0, -SIGTERM, -SIGKILL)  # the remote host's numbers (POSIX)
 
 
 @dataclass(frozen=True)
@@ -469,7 +470,7 @@ class RemoteKernel:
             await self.abandon()
             return
         try:
-            await self.signal(signal.SIGKILL)
+            await self.signal(SIGKILL)
             await asyncio.wait_for(self._exited.wait(), timeout)
         except (RemoteKernelError, asyncio.TimeoutError):
             self.log.warning("Remote kernel %s did not confirm its exit", self.kernel_id)

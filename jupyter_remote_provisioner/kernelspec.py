@@ -38,9 +38,10 @@ SLUG_RULE = "use lowercase letters a-z, digits, '_' and '.', starting with a let
 
 
 def slugify(display_name: str) -> str:
-    """The kernel name for a display name: ``Remote CUDA`` -> ``remote_cuda``."""
+    """The kernel name for a display name: ``Remote CUDA`` -> ``remote_cuda``; an endpoint
+    keeps its parts apart: ``ubuntu@192.0.2.10:2222`` -> ``ubuntu_192.0.2.10_2222``."""
     text = unicodedata.normalize("NFKD", display_name).encode("ascii", "ignore").decode()
-    text = re.sub(r"[\s-]", "_", text.lower())
+    text = re.sub(r"[\s\-@:/,]", "_", text.lower())
     text = re.sub(r"[^a-z0-9_.]", "", text)
     text = re.sub(r"_+", "_", text).lstrip("_.").rstrip("_")
     if not text:
@@ -213,11 +214,12 @@ def list_remote_specs() -> list[RemoteSpec]:
     return sorted((s for s in specs if s is not None), key=lambda s: s.slug)
 
 
-def find_spec(name: str) -> RemoteSpec:
-    """A remote kernelspec by slug, else by display name (exact, then case-insensitive)."""
+def find_spec(name: str, removing: bool = False) -> RemoteSpec:
+    """A remote kernelspec by slug, else by display name (exact, then case-insensitive).
+    Another kind of kernelspec is refused; ``removing``: the refusal says how to remove it."""
     all_specs = _all_specs()
     if name in all_specs:
-        return _ours_or_refuse(name, all_specs[name])
+        return _ours_or_refuse(name, all_specs[name], removing)
     ours = list_remote_specs()
     for same in (lambda s: s == name, lambda s: s.casefold() == name.casefold()):
         matches = [s for s in ours if same(s.display_name)]
@@ -228,7 +230,7 @@ def find_spec(name: str) -> RemoteSpec:
             return matches[0]
     for slug, entry in all_specs.items():
         if entry["spec"].get("display_name", "").casefold() == name.casefold():
-            return _ours_or_refuse(slug, entry)
+            return _ours_or_refuse(slug, entry, removing)
     raise ConfigError(f"no remote kernelspec named {name}; see `remote_kernel list`")
 
 
@@ -280,11 +282,16 @@ def _to_remote(slug: str, entry: Mapping[str, Any]) -> RemoteSpec | None:
     )
 
 
-def _ours_or_refuse(slug: str, entry: Mapping[str, Any]) -> RemoteSpec:
+def _ours_or_refuse(slug: str, entry: Mapping[str, Any], removing: bool) -> RemoteSpec:
     remote = _to_remote(slug, entry)
     if remote is None:
+        hint = (
+            f"remove it with `jupyter kernelspec remove {slug}`"
+            if removing
+            else "`jupyter kernelspec list` shows it; `remote_kernel list` shows the remote ones"
+        )
         raise ConfigError(
             f"kernelspec {slug} is not a remote kernel (its provisioner is "
-            f"{provisioner_of(entry['spec'])}); remove it with `jupyter kernelspec remove {slug}`"
+            f"{provisioner_of(entry['spec'])}); {hint}"
         )
     return remote

@@ -4,21 +4,19 @@ Such a client writes a connection file with local ports it chose and runs the ke
 ``argv``. The launcher forwards exactly those ports to a remote kernel started with the
 spec's ``metadata.kernel_provisioner.config``, and stays in the foreground while the kernel
 lives: SIGINT interrupts the kernel, SIGTERM or SIGHUP shuts it down, and if the kernel dies
-the launcher exits non-zero.
+the launcher exits non-zero. On Windows, jupyter_client's and VS Code's interrupt event (or
+Ctrl-C) interrupts and Ctrl-Break or the parent's end stops it (see :mod:`.signals`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from .errors import ConfigError
 from .kernel import LOST, RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
 from .provisioner import remote_env, settings_from_config
+from .signals import SIGINT, SIGTERM, foreground_signals
 from .tunnel import CHANNELS
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the launcher is told to stop
@@ -138,13 +137,11 @@ async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, st
     loop.acquire()
     try:
         await loop.call(kernel.start(connection.session, env, connection.ports))
-        handlers = {signal.SIGINT: lambda: _interrupt(kernel), signal.SIGTERM: stop.set,
-                    signal.SIGHUP: stop.set}  # fmt: skip
-        with signal_handlers(handlers):
+        with foreground_signals(stop.set, interrupt=lambda: _interrupt(kernel)):
             ended = await kernel_end_or(kernel, stop)
             if not ended.done():
                 log.info("Stopping the remote kernel")
-                await loop.call(kernel.signal(signal.SIGTERM))
+                await loop.call(kernel.signal(SIGTERM))
                 try:
                     await asyncio.wait_for(asyncio.shield(ended), STOP_GRACE)
                 except asyncio.TimeoutError:
@@ -156,19 +153,6 @@ async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, st
             await loop.call(kernel.close())
         finally:
             loop.release()
-
-
-@contextlib.contextmanager
-def signal_handlers(handlers: Mapping[signal.Signals, Callable[[], object]]) -> Iterator[None]:
-    """Call ``handlers[signum]()`` on the running loop when a signal arrives, in the block."""
-    here = asyncio.get_running_loop()
-    for signum, handler in handlers.items():
-        here.add_signal_handler(signum, handler)
-    try:
-        yield
-    finally:
-        for signum in handlers:
-            here.remove_signal_handler(signum)
 
 
 async def kernel_end_or(kernel: RemoteKernel, event: asyncio.Event) -> asyncio.Future[Any]:
@@ -189,7 +173,7 @@ def _interrupt(kernel: RemoteKernel) -> None:
 
     async def deliver() -> None:
         try:
-            await loop.call(kernel.signal(signal.SIGINT))
+            await loop.call(kernel.signal(SIGINT))
         except Exception as exc:  # noqa: BLE001 - a failed interrupt must not end the launcher
             log.warning("Could not interrupt the remote kernel: %s", exc)
 

@@ -8,7 +8,6 @@ package's own event loop (:mod:`.loop`), so SSH traffic flows whatever the calle
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 from collections.abc import Iterable, Mapping
 from string import Template
@@ -23,6 +22,7 @@ from . import loop
 from .encryption import CURVE_KEYS, declares_curve, keys_of, new_keys, wanted
 from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
+from .signals import SIGKILL, SIGTERM
 from .target import DEFAULT_SSH_CONFIG, resolve
 
 # Environment variables of the local side that describe the session, not the machine.
@@ -283,10 +283,10 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await loop.call(kernel.abandon())
 
     async def kill(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGKILL)
+        await self.send_signal(SIGKILL)
 
     async def terminate(self, restart: bool = False) -> None:
-        await self.send_signal(signal.SIGTERM)
+        await self.send_signal(SIGTERM)
 
     async def cleanup(self, restart: bool = False) -> None:
         """On restart keep the connection and local ports; otherwise release everything.

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -26,8 +25,9 @@ from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import ConfigError, RemoteKernelError
 from .kernel import KernelSettings, RemoteKernel
 from .kernelspec import find_spec, list_remote_specs
-from .launcher import exit_code, kernel_end_or, log_to_stderr, signal_handlers
+from .launcher import exit_code, kernel_end_or, log_to_stderr
 from .provisioner import settings_from_config
+from .signals import foreground_signals
 from .ssh import private_connection
 
 STOP_TIMEOUT = 20.0  # seconds for the remote stop (SIGTERM, then SIGKILL after 5 s)
@@ -252,8 +252,7 @@ async def _attach(kernel: RemoteKernel, path: Path) -> int:
     try:
         info = await loop.call(kernel.attach())
         _write_connection_file(path, info)
-        with signal_handlers(dict.fromkeys((signal.SIGINT, signal.SIGTERM, signal.SIGHUP),
-                                           detach.set)):  # fmt: skip
+        with foreground_signals(detach.set):
             print(f"Attached to kernel {kernel.kernel_id} on {kernel.settings.target.describe()}.\n"
                   f"Connection file: {path}\n"
                   f"  jupyter console --existing {path}\n"

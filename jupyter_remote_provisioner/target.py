@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ DEFAULT_SSH_CONFIG = "~/.ssh/config"
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 MAX_HOPS = 8
 
+_TARGET = "JRP-PROXY-TARGET-5f3a"  # where a ProxyCommand's ``-W '[%h]:%p'`` goes
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.%*?:-]+$")
 
 
@@ -73,6 +75,10 @@ class Target:
 
     hops: tuple[Hop, ...]
     config_paths: tuple[str, ...] = ()
+    # what the kernelspec sets beyond the ssh config (for ssh_command)
+    config_off: bool = False  # ssh_config: null
+    identity_file: str | None = None
+    known_hosts: str | None = None
 
     @property
     def host(self) -> Hop:
@@ -82,17 +88,48 @@ class Target:
     def jumps(self) -> tuple[Hop, ...]:
         return self.hops[:-1]
 
-    def describe(self) -> str:
-        """``user@gpu (198.18.2.2) via bastion`` for logs and messages."""
-        via = " via " + ", ".join(h.label for h in self.jumps) if self.jumps else ""
+    def describe(self, users: bool = False) -> str:
+        """``user@gpu (198.18.2.2) via bastion`` for logs and messages; with ``users``, each
+        jump host's user too (``via gw@bastion``)."""
+        jumps = [f"{h.user}@{h.label}" if users else h.label for h in self.jumps]
+        via = " via " + ", ".join(jumps) if jumps else ""
         return f"{self.host.user}@{self.host.label}{via}"
 
     def ssh_command(self) -> str:
-        """The ``ssh`` command line (with ``-J``) that reaches the kernel's host by hand."""
-        jump = " -J " + ",".join(h.spec for h in self.jumps) if self.jumps else ""
-        host = self.host
-        port = f" -p {host.port}" if host.port != 22 else ""
-        return f"ssh{jump}{port} {host.user}@{host.alias}"
+        """The ``ssh`` command line that reaches the kernel's host by hand, as the kernel does:
+        ``-F`` for the kernelspec's ssh config, ``-J`` for jump hosts; when the kernelspec
+        names its own key or known_hosts (which ``-J`` would not pass on to the jump hosts),
+        or several ssh config files, each hop is spelled out, jump hosts as ProxyCommands."""
+        default = str(Path(DEFAULT_SSH_CONFIG).expanduser())
+        several = len(self.config_paths) > 1
+        config = ["-F", "none"] if self.config_off or several else []
+        if len(self.config_paths) == 1 and self.config_paths[0] != default:
+            config = ["-F", self.config_paths[0]]
+        if not (self.identity_file or self.known_hosts or several):
+            jump = ["-J", ",".join(h.spec for h in self.jumps)] if self.jumps else []
+            port = ["-p", str(self.host.port)] if self.host.port != 22 else []
+            return shlex.join(["ssh", *config, *jump, *port, f"{self.host.user}@{self.host.alias}"])
+        return shlex.join(_spelled_out(self.hops, config, by_alias=not several))
+
+
+def _spelled_out(
+    hops: Sequence[Hop], config: list[str], by_alias: bool, extra: Sequence[str] = ()
+) -> list[str]:
+    """``ssh`` to ``hops[-1]`` with its key, known_hosts, port and user given, through the
+    hops before it as nested ProxyCommands (whose ``%`` each ssh expands once: doubled per
+    level of nesting); ``extra`` options go before the destination."""
+    hop = hops[-1]
+    argv = ["ssh", *config]
+    for key in hop.identity_files:
+        argv += ["-i", key.replace("%", "%%")]
+    known = " ".join(k.replace("%", "%%") for k in hop.known_hosts)
+    argv += ["-o", f"UserKnownHostsFile={known}"]
+    if len(hops) > 1:
+        proxy = shlex.join(_spelled_out(hops[:-1], config, by_alias, ["-W", _TARGET]))
+        proxy = proxy.replace("%", "%%").replace(_TARGET, "'[%h]:%p'")
+        argv += ["-o", f"ProxyCommand={proxy}"]
+    argv += ["-p", str(hop.port), "-l", hop.user, *extra]
+    return [*argv, hop.alias if by_alias else hop.hostname]
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -170,7 +207,10 @@ def resolve(
     paths = config_paths(ssh_config)
     resolver = _Resolver(paths, identity_file, known_hosts)
     hops = resolver.chain(parse_endpoint(host), parse_jumps(jump) if jump else None, depth=0)
-    return Target(hops=tuple(hops), config_paths=tuple(paths))
+    return Target(
+        hops=tuple(hops), config_paths=tuple(paths), config_off=ssh_config is None,
+        identity_file=identity_file, known_hosts=known_hosts,
+    )  # fmt: skip
 
 
 class _Resolver:

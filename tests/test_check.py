@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,29 @@ def test_check_unknown_name_is_one_line(no_leftovers):
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert "no remote kernelspec named" in line
+
+
+def test_check_header_names_each_jump_hosts_user(ssh_env, no_leftovers):
+    """The loopback sshd as its own jump host: the header shows who logs in at every hop."""
+    add("Check Self Jump", "--endpoint", ssh_env.alias, "-J", f"{ssh_env.user}@{ssh_env.alias}",
+        "--ssh-config", str(ssh_env.ssh_config), "--python", sys.executable)  # fmt: skip
+    result = rk("check", "check_self_jump", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    hop = f"{ssh_env.alias} ({ssh_env.host}:{ssh_env.port})"
+    assert result.stdout.splitlines()[0] == (
+        f"Checking check_self_jump (Check Self Jump): {ssh_env.user}@{hop} via {ssh_env.user}@{hop}"
+    )
+
+
+def test_check_of_a_local_kernelspec_does_not_suggest_removing_it(kernels_dir, no_leftovers):
+    local = kernels_dir / "plain_local_check"
+    local.mkdir()
+    spec = {"argv": ["python3", "-m", "ipykernel_launcher", "-f", "{connection_file}"]}
+    (local / "kernel.json").write_text(json.dumps({**spec, "display_name": "Plain"}))
+    for command in ("check", "show"):
+        result = rk(command, "plain_local_check", check=False)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert "kernelspec plain_local_check is not a remote kernel" in line
+        assert "remove" not in line
+    assert (local / "kernel.json").is_file()

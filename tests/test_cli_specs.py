@@ -7,8 +7,10 @@ the example hosts are never contacted: these commands make no connection.
 from __future__ import annotations
 
 import getpass
+import ipaddress
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from jupyter_remote_provisioner import __version__
 from kernels import one_line_error
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "kernelspecs"
+DOC_NETS = ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24", "127.0.0.0/8")  # RFC 5737
 EXAMPLE_DIRS = ("remote_direct", "remote_bastion", "remote_ssh_alias", "remote_r")
 TIMEOUT = 60
 BIN = os.path.dirname(sys.executable)
@@ -32,12 +35,12 @@ Host gpu
     ProxyJump bastion
 """
 
-CUDA_SUMMARY = "Remote CUDA -> ubuntu@11.0.0.10:22 via gw@1.1.1.1:3223"
+CUDA_SUMMARY = "Remote CUDA -> ubuntu@192.0.2.10:22 via gw@198.51.100.1:3223"
 CUDA_LIST = """\
 slug: remote_cuda
   name: Remote CUDA
-  endpoint: ubuntu@11.0.0.10:22
-  jump: gw@1.1.1.1:3223
+  endpoint: ubuntu@192.0.2.10:22
+  jump: gw@198.51.100.1:3223
 ---
 """
 
@@ -97,11 +100,11 @@ def cli(tmp_path: Path) -> Cli:
 
 def test_add_list_show_delete(cli: Cli) -> None:
     kernels = cli.data / "kernels"
-    add = ("add", "--endpoint", "ubuntu@11.0.0.10:22", "-J", "gw@1.1.1.1:3223")
+    add = ("add", "--endpoint", "ubuntu@192.0.2.10:22", "-J", "gw@198.51.100.1:3223")
     out = cli.rk(*add, "--name", "Remote CUDA").stdout
     assert out == (
-        "Installed kernelspec remote_cuda (Remote CUDA -> ubuntu@11.0.0.10:22 via "
-        f"gw@1.1.1.1:3223) in {kernels / 'remote_cuda'}\n"
+        "Installed kernelspec remote_cuda (Remote CUDA -> ubuntu@192.0.2.10:22 via "
+        f"gw@198.51.100.1:3223) in {kernels / 'remote_cuda'}\n"
     )
     spec = json.loads((kernels / "remote_cuda" / "kernel.json").read_text())
     assert spec["argv"][0] == script("jupyter-remote-kernel")
@@ -112,10 +115,10 @@ def test_add_list_show_delete(cli: Cli) -> None:
     assert entry == {
         "slug": "remote_cuda",
         "name": "Remote CUDA",
-        "endpoint": "ubuntu@11.0.0.10:22",
-        "jump": ["gw@1.1.1.1:3223"],
+        "endpoint": "ubuntu@192.0.2.10:22",
+        "jump": ["gw@198.51.100.1:3223"],
         "resource_dir": str(kernels / "remote_cuda"),
-        "config": {"host": "ubuntu@11.0.0.10:22", "jump": ["gw@1.1.1.1:3223"]},
+        "config": {"host": "ubuntu@192.0.2.10:22", "jump": ["gw@198.51.100.1:3223"]},
     }
 
     show = cli.rk("show", "remote_cuda").stdout
@@ -123,12 +126,12 @@ def test_add_list_show_delete(cli: Cli) -> None:
     assert '"provisioner_name": "remote-ssh-provisioner"' in show
     known_hosts = cli.home / ".ssh" / "known_hosts"
     assert (
-        "  hop 1 (jump host): gw@1.1.1.1:3223\n    alias: 1.1.1.1\n    HostName: 1.1.1.1\n"
+        "  hop 1 (jump host): gw@198.51.100.1:3223\n    alias: 198.51.100.1\n    HostName: 198.51.100.1\n"
         "    port: 3223\n    user: gw\n    identity files: default (ssh-agent, ~/.ssh/id_*)\n"
         f"    known_hosts: {known_hosts}\n"
     ) in show
-    assert "  hop 2 (kernel host): ubuntu@11.0.0.10\n" in show
-    assert "  ssh command: ssh -J gw@1.1.1.1:3223 ubuntu@11.0.0.10\n" in show
+    assert "  hop 2 (kernel host): ubuntu@192.0.2.10\n" in show
+    assert "  ssh command: ssh -J gw@198.51.100.1:3223 ubuntu@192.0.2.10\n" in show
     assert "remote cwd: ~ (remote home)\n" in show
 
     error = cli.fails(*add, "--name", "Remote CUDA")
@@ -160,7 +163,7 @@ def test_show_resolves_ssh_config_alias(cli: Cli) -> None:
     assert f"  ssh config: {ssh_config}\n" in show
     assert f"  hop 1 (jump host): {me}@bastion\n" in show
     assert "    alias: gpu\n    HostName: 198.18.2.2\n    port: 22\n    user: alice\n" in show
-    assert f"  ssh command: ssh -J {me}@bastion alice@gpu\n" in show
+    assert f"  ssh command: ssh -F {ssh_config} -J {me}@bastion alice@gpu\n" in show
 
     info = json.loads(cli.rk("show", "gpu", "--json").stdout)
     assert info["kernel_json"]["metadata"]["kernel_provisioner"]["config"] == {
@@ -168,14 +171,14 @@ def test_show_resolves_ssh_config_alias(cli: Cli) -> None:
         "ssh_config": str(ssh_config),
     }
     assert [h["hostname"] for h in info["target"]["hops"]] == ["bastion", "198.18.2.2"]
-    assert info["target"]["ssh_command"] == f"ssh -J {me}@bastion alice@gpu"
+    assert info["target"]["ssh_command"] == f"ssh -F {ssh_config} -J {me}@bastion alice@gpu"
 
     # An explicit -J replaces the alias's ProxyJump, as with ssh -J.
     cli.rk(
         "add", "--endpoint", "gpu", "--ssh-config", str(ssh_config), "-J", "gw@b1,b2:2", "--replace"
     )
     assert (
-        "ssh command: ssh -J gw@b1,root@b2:2 alice@gpu\n".replace("root", me)
+        f"ssh command: ssh -F {ssh_config} -J gw@b1,{me}@b2:2 alice@gpu\n"
         in cli.rk("show", "gpu").stdout
     )
 
@@ -233,7 +236,7 @@ def test_add_options_reach_kernel_json(cli: Cli) -> None:
 def test_out_dir_then_jupyter_kernelspec_install(cli: Cli) -> None:
     out_dir = cli.root / "out"
     out = cli.rk(
-        "add", "--endpoint", "ubuntu@11.0.0.10:22", "-J", "gw@1.1.1.1:3223",
+        "add", "--endpoint", "ubuntu@192.0.2.10:22", "-J", "gw@198.51.100.1:3223",
         "--name", "Remote CUDA", "--out", str(out_dir),
     ).stdout  # fmt: skip
     spec_dir = out_dir / "remote_cuda"
@@ -341,3 +344,47 @@ def test_example_kernelspecs_install_and_list(cli: Cli) -> None:
     assert "\nwarning: kernel traffic: unencrypted loopback tcp ports on gpu.example.com" in show
     show = cli.rk("show", "remote_ssh_alias").stdout
     assert "  ssh command: ssh " in show and "remote cwd: ~/work\n" in show
+
+
+def test_add_without_name_makes_a_readable_slug(cli: Cli) -> None:
+    out = cli.rk("add", "--endpoint", "ubuntu@192.0.2.10:2222").stdout
+    assert out.startswith(
+        "Installed kernelspec ubuntu_192.0.2.10_2222 (ubuntu@192.0.2.10:2222 -> "
+        "ubuntu@192.0.2.10:2222) in "
+    ), out
+
+
+@pytest.mark.parametrize("command", ["", "add", "list", "show", "delete", "check", "launch",
+                                     "ps", "stop", "attach", "sync", "demo"])  # fmt: skip
+def test_help_uses_documentation_addresses(cli: Cli, command: str) -> None:
+    """Examples name no real host: IPv4 from the documentation ranges, example.* domains."""
+    text = cli.rk(*filter(None, [command]), "--help").stdout
+    for address in re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", text):
+        ip = ipaddress.ip_address(address)
+        assert any(ip in ipaddress.ip_network(n) for n in DOC_NETS), (address, text)
+    for domain in re.findall(r"\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|io)\b", text):
+        assert re.search(r"(^|\.)example\.(com|org|net)$", domain), (domain, text)
+
+
+def ssh_as_printed(cli: Cli, slug: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``ssh command`` line that ``show SLUG`` prints, with ``echo ok`` appended."""
+    line = next(x for x in cli.rk("show", slug).stdout.splitlines() if "ssh command:" in x)
+    command = line.split("ssh command: ", 1)[1]
+    return subprocess.run(["sh", "-c", f"{command} echo ok"], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=30, check=False)  # fmt: skip
+
+
+def test_show_prints_an_ssh_command_that_works(cli: Cli, ssh_env) -> None:
+    """With the spec's ssh config (-F); with its own key and known_hosts, also through jump
+    hosts (two hops through the same loopback sshd), where -J would not pass them on."""
+    cli.rk("add", "--endpoint", ssh_env.alias, "--ssh-config", str(ssh_env.ssh_config),
+           "--name", "Via Config")  # fmt: skip
+    res = ssh_as_printed(cli, "via_config")
+    assert (res.returncode, res.stdout) == (0, "ok\n"), res.stderr
+    me = f"{ssh_env.user}@{ssh_env.host}:{ssh_env.port}"
+    own = ("--identity-file", str(ssh_env.identity_file), "--known-hosts", str(ssh_env.known_hosts))
+    cli.rk("add", "--endpoint", me, *own, "--name", "Own Files")
+    cli.rk("add", "--endpoint", me, "-J", f"{me},{me}", *own, "--name", "Own Jumps")
+    for slug in ("own_files", "own_jumps"):
+        res = ssh_as_printed(cli, slug)
+        assert (res.returncode, res.stdout) == (0, "ok\n"), res.stderr

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from jupyter_remote_provisioner.demohost import MARKER_VAR
+from jupyter_remote_provisioner.demohost import MARKER_VAR, free_port, kill_pids, pid_alive
 
 from kernels import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 CLI = [sys.executable, "-m", "jupyter_remote_provisioner.cli"]
+TOKEN = "demo-test"
 KERNEL_BASE = Path(tempfile.gettempdir()) / f"jupyter-remote-{os.getuid()}"
 
 
@@ -61,22 +66,93 @@ def test_demo_runs_a_cell_and_leaves_nothing(backend, no_leftovers):
     assert kernel_dirs() <= before
 
 
-def test_demo_keep_then_remove_as_told(tmp_path, no_leftovers):
-    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_PATH="")
-    result = demo("--keep", env=env)
+def start_lab_as_told(command: str, env: dict[str, str], root: Path) -> subprocess.Popen[bytes]:
+    """The printed ``jupyter lab ...`` command, plus what keeps a test's server private."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["jupyter", "lab"], command
+    argv[0] = os.path.join(os.path.dirname(sys.executable), "jupyter")
+    argv += [
+        "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={free_port()}",
+        "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}",
+        f"--ServerApp.root_dir={root}", "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]  # fmt: skip
+    log = (root / "lab.log").open("wb")
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                            cwd=root, start_new_session=True)  # fmt: skip
+
+
+def lab_kernel_names(lab: subprocess.Popen[bytes], root: Path) -> dict[str, str]:
+    """Slug -> display name of the kernels the running JupyterLab offers ({} until it answers);
+    fails with the server's log if it exited."""
+    log = (root / "lab.log").read_text(errors="replace")
+    assert lab.poll() is None, f"jupyter lab exited ({lab.returncode}):\n{log[-3000:]}"
+    port = lab.args[lab.args.index("--ServerApp.ip=127.0.0.1") + 1].split("=")[1]
+    try:
+        url = f"http://127.0.0.1:{port}/api/kernelspecs?token={TOKEN}"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            specs = json.load(response)["kernelspecs"]
+    except (OSError, ValueError):
+        return {}
+    return {slug: entry["spec"]["display_name"] for slug, entry in specs.items()}
+
+
+@pytest.mark.parametrize("backend", ["openssh", "asyncssh"])
+def test_demo_keep_then_follow_the_instructions(backend, tmp_path, no_leftovers):
+    """--keep on both backends (asyncssh: a laptop without sshd): JupyterLab started as
+    printed (as root too) offers the kernel under the printed name; check, then remove."""
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_PATH="",
+               JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))  # fmt: skip
+    result = demo("--keep", "--backend", backend, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "jupyter lab" in out
-    listed = subprocess.run([*CLI, "list"], capture_output=True, text=True, env=env, timeout=30,
-                            check=True).stdout  # fmt: skip
-    assert "slug: remote_demo" in listed
-    check = subprocess.run([*CLI, "check", "remote_demo"], capture_output=True, text=True,
-                           env=env, timeout=60, check=False)  # fmt: skip
-    assert check.returncode == 0, check.stdout
-    remove = re.search(r"Remove it all with: (.+)", out).group(1)
-    remove = remove.replace("remote_kernel ", shlex.join(CLI) + " ", 1)
-    subprocess.run(["sh", "-c", remove], env=env, timeout=30, check=True)
-    listed = subprocess.run([*CLI, "list"], capture_output=True, text=True, env=env, timeout=30,
-                            check=True).stdout  # fmt: skip
-    assert "remote_demo" not in listed
-    wait_for(lambda: not demo_processes(), 10, "the kept demo host to stop")
+    kept = re.search(r"\(pid (\d+)\) .*\n.*kill \d+ && rm -rf (\S+)", out)
+    try:
+        name = re.search(r'pick "(.+)" in the kernel picker', out).group(1)
+        assert f'kernelspec remote_demo ("{name}")' in out
+        command = re.search(r"^  (jupyter lab.*?)\s{2,}\(pip", out, re.MULTILINE).group(1)
+        lab = start_lab_as_told(command, env, tmp_path)
+        try:
+            wait_for(lambda: lab_kernel_names(lab, tmp_path).get("remote_demo") == name, 60,
+                     "JupyterLab to offer the kept kernel")  # fmt: skip
+        finally:
+            lab.terminate()
+            lab.wait(timeout=20)
+        check = subprocess.run([*CLI, "check", "remote_demo"], capture_output=True, text=True,
+                               env=env, timeout=60, check=False)  # fmt: skip
+        assert check.returncode == 0, check.stdout
+        remove = re.search(r"Remove it all with: (.+)", out).group(1)
+        remove = remove.replace("remote_kernel ", shlex.join(CLI) + " ", 1)
+        subprocess.run(["sh", "-c", remove], env=env, timeout=30, check=True)
+        listed = subprocess.run([*CLI, "list"], capture_output=True, text=True, env=env,
+                                timeout=30, check=True).stdout  # fmt: skip
+        assert "remote_demo" not in listed
+        wait_for(lambda: not pid_alive(int(kept.group(1))), 10, "the kept demo host to stop")
+        wait_for(lambda: not demo_processes(), 10, "the kept demo host's sessions to end")
+    finally:  # a failed test leaves no host either
+        kill_pids([int(kept.group(1))])
+        shutil.rmtree(kept.group(2), ignore_errors=True)
+
+
+@pytest.mark.parametrize("backend", ["openssh", "asyncssh"])
+def test_demo_keep_interrupted_leaves_nothing(backend, tmp_path, no_leftovers):
+    """Ctrl-C once --keep has registered its kernelspec: the spec goes, with the host."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, JUPYTER_DATA_DIR=str(tmp_path / "data"), JUPYTER_PATH="",
+               TMPDIR=str(tmp))  # fmt: skip
+    proc = subprocess.Popen([*CLI, "demo", "--keep", "--backend", backend], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        lines = iter(proc.stdout.readline, "")  # bounded by the test's timeout
+        assert any("registered kernelspec remote_demo" in line for line in lines)
+        proc.send_signal(signal.SIGINT)  # the kernel's start takes longer than this
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (130, "remote_kernel: interrupted\n"), out + err
+    assert not (tmp_path / "data" / "kernels" / "remote_demo").exists()
+    assert list(tmp.iterdir()) == []  # the host's keys and configs
+    wait_for(lambda: not demo_processes(), 10, "the demo host's sessions to end")

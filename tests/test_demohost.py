@@ -116,8 +116,14 @@ def test_provisioner_runs_interrupts_and_stops_a_kernel(host: DemoHost, kernels_
     wait_for(lambda: not demohost.session_pids(host.marker), 15, "the remote processes to end")
 
 
+@pytest.mark.parametrize("processes", ["/proc", "ps"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_stop_leaves_nothing_behind(backend: str, tmp_path: Path) -> None:
+def test_stop_leaves_nothing_behind(
+    backend: str, processes: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also without /proc (macOS): the host then finds its sessions' processes with ps."""
+    if processes == "ps":
+        monkeypatch.setattr(demohost, "PROC", tmp_path / "no-proc")
     threads = set(threading.enumerate())
     h = DemoHost(tmp_path / "host", backend=backend)
     h.start()
@@ -159,27 +165,25 @@ def test_refuses_a_workdir_it_does_not_own(tmp_path: Path) -> None:
     assert (tmp_path / "precious").read_text() == "keep me"
 
 
-def test_detach_only_for_openssh(tmp_path: Path) -> None:
-    with DemoHost(tmp_path / "host", backend="asyncssh") as h, pytest.raises(RemoteKernelError):
-        h.detach()
-
-
-def test_detached_sshd_outlives_its_process_until_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_detached_host_outlives_its_process_until_killed(backend: str, tmp_path: Path) -> None:
+    """``demo --keep`` on both backends: the embedded server (no sshd, as on most laptops)
+    moves to a process of its own."""
     workdir = tmp_path / "kept"
     script = (
         "import sys; from pathlib import Path; from jupyter_remote_provisioner.demohost import "
-        "DemoHost; h = DemoHost(Path(sys.argv[1]), backend='openssh'); h.start(); h.detach(); "
+        "DemoHost; h = DemoHost(Path(sys.argv[1]), backend=sys.argv[2]); h.start(); h.detach(); "
         "print(h.describe_kept())"
     )
     res = subprocess.run(
-        [sys.executable, "-c", script, str(workdir)],
+        [sys.executable, "-c", script, str(workdir), backend],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert res.returncode == 0, res.stderr
-    match = re.search(r"kill (\d+) && rm -r (\S+)$", res.stdout.strip())
+    match = re.search(r"kill (\d+) && rm -rf (\S+)$", res.stdout.strip())
     assert match, res.stdout
     pid = int(match.group(1))
     try:

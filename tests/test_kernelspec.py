@@ -55,6 +55,8 @@ def write_local_spec(data_dir: Path, name: str, display_name: str) -> Path:
         ("py3.11 env", "py3.11_env"),
         ("Café Ünïcode", "cafe_unicode"),
         ("__x__", "x"),
+        ("ubuntu@127.0.0.1:1", "ubuntu_127.0.0.1_1"),  # add without --name: the endpoint
+        ("gw@bastion.example.com:2222", "gw_bastion.example.com_2222"),
     ],
 )
 def test_slugify(name: str, slug: str) -> None:
@@ -76,7 +78,7 @@ def test_explicit_kernel_name_rules(slug: str) -> None:
 
 
 def test_build_spec_argv_and_metadata() -> None:
-    spec = build_spec("Remote CUDA", "ubuntu@11.0.0.10:22", ["gw@1.1.1.1:3223"])
+    spec = build_spec("Remote CUDA", "ubuntu@192.0.2.10:22", ["gw@198.51.100.1:3223"])
     launcher, *rest = spec["argv"]
     assert os.path.isabs(launcher) and os.path.basename(launcher) == "jupyter-remote-kernel"
     assert rest == ["launch", "--kernelspec", "{resource_dir}", "-f", "{connection_file}"]
@@ -87,7 +89,7 @@ def test_build_spec_argv_and_metadata() -> None:
     assert spec["metadata"] == {
         "kernel_provisioner": {
             "provisioner_name": PROVISIONER_NAME,
-            "config": {"host": "ubuntu@11.0.0.10:22", "jump": ["gw@1.1.1.1:3223"]},
+            "config": {"host": "ubuntu@192.0.2.10:22", "jump": ["gw@198.51.100.1:3223"]},
         },
         "supported_encryption": ["curve"],  # ipykernel 7.4+; the provisioner checks at start
     }
@@ -149,7 +151,7 @@ def test_build_spec_validation_errors(kwargs: dict, message: str) -> None:
 
 
 def test_install_list_find_remove_round_trip(data_dir: Path) -> None:
-    spec = build_spec("Remote CUDA", "ubuntu@11.0.0.10:22", ["gw@1.1.1.1:3223"])
+    spec = build_spec("Remote CUDA", "ubuntu@192.0.2.10:22", ["gw@198.51.100.1:3223"])
     path = install_spec(spec, "remote_cuda", user=True)
     assert path == str(data_dir / "kernels" / "remote_cuda")
     assert json.loads((Path(path) / "kernel.json").read_text()) == spec
@@ -161,8 +163,8 @@ def test_install_list_find_remove_round_trip(data_dir: Path) -> None:
         "Remote CUDA",
         path,
     )
-    assert found.endpoint == "ubuntu@11.0.0.10:22"
-    assert found.jumps == ["gw@1.1.1.1:3223"]
+    assert found.endpoint == "ubuntu@192.0.2.10:22"
+    assert found.jumps == ["gw@198.51.100.1:3223"]
     assert found.to_json()["config"] == spec["metadata"]["kernel_provisioner"]["config"]
 
     for name in ("remote_cuda", "Remote CUDA", "remote cuda", "REMOTE CUDA"):
@@ -206,8 +208,11 @@ def test_refuses_non_remote_spec(data_dir: Path) -> None:
             find_spec(name)
         assert str(err.value) == (
             "kernelspec local_py is not a remote kernel (its provisioner is local-provisioner); "
-            "remove it with `jupyter kernelspec remove local_py`"
+            "`jupyter kernelspec list` shows it; `remote_kernel list` shows the remote ones"
         )
+        with pytest.raises(ConfigError) as err:
+            find_spec(name, removing=True)
+        assert str(err.value).endswith("; remove it with `jupyter kernelspec remove local_py`")
     assert path.is_dir()
     assert list_remote_specs() == []
 

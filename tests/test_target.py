@@ -58,7 +58,9 @@ def test_alias_follows_proxyjump_and_config(ssh_config):
     assert bastion.identity_files[0].endswith("/.ssh/id_bastion")
     assert (gpu.hostname, gpu.port, gpu.user) == ("198.18.2.2", 22, "alice")
     assert gpu.known_hosts == ("/etc/jrp_known_hosts",)
-    assert target.ssh_command() == f"ssh -J {getpass.getuser()}@bastion:2200 alice@gpu"
+    assert (
+        target.ssh_command() == f"ssh -F {ssh_config} -J {getpass.getuser()}@bastion:2200 alice@gpu"
+    )
 
 
 def test_explicit_jump_replaces_proxyjump_and_user_wins(ssh_config):
