@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 import subprocess
 from collections.abc import Callable
@@ -11,7 +12,15 @@ from typing import Any
 import pytest
 
 from drivers import KINDS, Driver
-from kernels import interrupt_sleeping_cell, remote_base, remote_kernel_dirs, run_cell, wait_for
+from kernel_fixtures import PYTHON
+from kernels import (
+    interrupt_sleeping_cell,
+    remote_base,
+    remote_kernel_dirs,
+    run_cell,
+    wait_for,
+    write_spec,
+)
 from sshd import pid_alive
 
 pytestmark = pytest.mark.timeout(120)
@@ -87,7 +96,7 @@ def test_restart_clears_state(driver):
     ports = dict(driver.km.get_connection_info())
     kc = driver.client()
     out, _ = run_cell(kc, "x = 1; " + WHO)
-    first_pid = int(out.split()[-1])
+    first_connection, first_pid = out.split()[:4], int(out.split()[-1])
     driver.restart()
     assert driver.provisioner is provisioner
     assert driver.km.get_connection_info()["shell_port"] == ports["shell_port"]
@@ -95,6 +104,7 @@ def test_restart_clears_state(driver):
     out, _ = run_cell(kc, "print('x' in dir()); " + WHO)
     assert out.split()[0] == "False"
     assert int(out.split()[-1]) != first_pid
+    assert out.split()[1:5] == first_connection, "the restart opened a new SSH connection"
     assert not pid_alive(first_pid)
 
 
@@ -156,3 +166,31 @@ def _loopback_listeners() -> set[int]:
             if fields[3] == "0A" and address == "0100007F":
                 ports.add(int(port, 16))
     return ports
+
+
+def test_env_reaches_the_kernel_and_the_local_environment_does_not(
+    ssh_env, kernels_dir, no_leftovers, monkeypatch
+):
+    """The provisioner's `env`, the kernelspec's `env` with ${VAR} filled from the local
+    environment (unknown names left as written), and nothing else of the local environment."""
+    monkeypatch.setenv("JRP_LOCAL_ONLY", "must-not-travel")
+    monkeypatch.setenv("JRP_FILL", "from-the-laptop")
+    config = {"host": ssh_env.alias, "ssh_config": str(ssh_env.ssh_config), "python": PYTHON}
+    spec_env = {"FILLED": "${JRP_FILL}/data", "UNKNOWN": "${JRP_NOT_SET}"}
+    name = write_spec(kernels_dir, "env_test", {**config, "env": {"PLAIN": "1"}}, env=spec_env)
+    driver = Driver("blocking", name)
+    try:
+        driver.start()
+        names = ["PLAIN", "FILLED", "UNKNOWN", "JRP_LOCAL_ONLY", "JRP_FILL"]
+        code = f"import os, json; print(json.dumps({{k: os.environ.get(k) for k in {names}}}))"
+        out, reply = run_cell(driver.client(), code)
+        assert reply["status"] == "ok", reply
+        assert json.loads(out) == {
+            "PLAIN": "1",
+            "FILLED": "from-the-laptop/data",
+            "UNKNOWN": "${JRP_NOT_SET}",
+            "JRP_LOCAL_ONLY": None,
+            "JRP_FILL": None,
+        }
+    finally:
+        driver.close()
