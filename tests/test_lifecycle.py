@@ -75,8 +75,8 @@ def test_interrupt_signal_keeps_state(driver):
     run_cell(kc, "x = 42")
     reply = interrupt_sleeping_cell(kc, driver.interrupt)
     assert reply["content"]["ename"] == "KeyboardInterrupt"
-    out, _ = run_cell(kc, "print(x)")
-    assert out.strip() == "42"
+    out, reply = run_cell(kc, "print(x)")
+    assert (out.strip(), reply["status"]) == ("42", "ok"), reply
 
 
 def test_interrupt_message_mode(request, remote_spec, no_leftovers):
