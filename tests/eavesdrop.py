@@ -62,9 +62,11 @@ def plain_connect(url: str) -> str:
         sock.close()
 
 
-def handshake(sub: zmq.Socket[bytes]) -> str:
-    """Wait for the SUB socket's first handshake to succeed or fail."""
+def handshake(sub: zmq.Socket[bytes], url: str) -> str:
+    """Connect the SUB socket to url and wait for its first handshake to succeed or fail
+    (the monitor is attached first, so that no event is missed)."""
     monitor = sub.get_monitor_socket()
+    sub.connect(url)
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     try:
         while (left := deadline - time.monotonic()) > 0:
@@ -108,8 +110,7 @@ def main(user: str, directory: str, url: str, marker: str) -> None:
         sub = context.socket(zmq.SUB)
         sub.linger = 0
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(url)
-        print(f"handshake {handshake(sub)}", flush=True)
+        print(f"handshake {handshake(sub, url)}", flush=True)
     else:
         print("handshake skipped", flush=True)
     print(f"markers {count_markers(sub, marker.encode())}", flush=True)
