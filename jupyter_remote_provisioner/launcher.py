@@ -27,7 +27,7 @@ from . import loop
 from .errors import ConfigError
 from .kernel import LOST, RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
-from .provisioner import remote_env, settings_from_config
+from .provisioner import check_env, remote_env, settings_from_config
 from .tunnel import CHANNELS
 
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the launcher is told to stop
@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     config, spec_env = read_spec_config(args.kernelspec)
     connection = read_connection_file(args.connection_file)
     settings = settings_from_config(config)
+    check_env(spec_env, "the kernelspec's env")
     log_to_stderr()
     kernel = RemoteKernel(str(uuid.uuid4()), settings, log)
     return asyncio.run(_serve(kernel, connection, remote_env(spec_env, os.environ)))
