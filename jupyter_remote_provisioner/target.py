@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,34 @@ class Target:
         host = self.host
         port = f" -p {host.port}" if host.port != 22 else ""
         return f"ssh{jump}{port} {host.user}@{host.alias}"
+
+    def host_key_command(self) -> str:
+        """The ``ssh`` command line that checks the host keys of this chain against the
+        known_hosts files the kernel uses, so that a key accepted there is recorded where the
+        kernel looks (a bare ``ssh`` records it in ~/.ssh/known_hosts). Jump hosts are
+        reached by ProxyCommand when their known_hosts is not the default: ``ssh -J`` would
+        check them against the default file."""
+        return shlex.join(self._host_key_argv(len(self.hops)))
+
+    def _host_key_argv(self, count: int) -> list[str]:
+        """``ssh`` reaching ``hops[count - 1]``, through the hops before it."""
+        hop, default = self.hops[count - 1], (str(Path(DEFAULT_KNOWN_HOSTS).expanduser()),)
+        argv = ["ssh"]
+        config = self.config_paths[0] if self.config_paths else None
+        if config and config != str(Path(DEFAULT_SSH_CONFIG).expanduser()):
+            argv += ["-F", config]
+        if hop.known_hosts != default:  # ssh expands %-tokens in this option: escape them
+            files = " ".join(path.replace("%", "%%") for path in hop.known_hosts)
+            argv += ["-o", f"UserKnownHostsFile={files}"]
+        if count > 1 and all(h.known_hosts == default for h in self.hops[: count - 1]):
+            argv += ["-J", ",".join(h.spec for h in self.hops[: count - 1])]
+        elif count > 1:  # the hop before it runs this one's %-expansion too: escape it
+            before = [arg.replace("%", "%%") for arg in self._host_key_argv(count - 1)]
+            argv += ["-o", "ProxyCommand=" + shlex.join([*before[:-1], "-W", "[%h]:%p",
+                                                         before[-1]])]  # fmt: skip
+        if hop.port != 22:
+            argv += ["-p", str(hop.port)]
+        return [*argv, f"{hop.user}@{hop.alias}"]
 
 
 def parse_endpoint(text: str) -> Endpoint:

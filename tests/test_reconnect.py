@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +21,7 @@ import pytest
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
 from drivers import Driver
-from kernels import remote_processes, wait_for, wait_for_async
+from kernels import remote_processes, run_cell, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -86,6 +89,76 @@ def survives(
 def test_killed_ssh_sessions(remote_spec, ssh_env, no_leftovers, caplog):
     """sshd's per-connection processes die (as in an sshd crash): reconnect at once."""
     survives(remote_spec(**FAST), caplog, ssh_env.server.kill_all_sessions, lambda: None)
+
+
+def test_loss_noticed_after_three_keepalive_intervals(remote_spec, ssh_env, no_leftovers, caplog):
+    """The host falls silent (its sshd frozen, the TCP connection open): the loss is noticed
+    3 x keepalive_interval after the last packet came back, as the README says."""
+    caplog.set_level(logging.INFO)
+    interval = 2.0
+    driver = Driver("blocking", remote_spec(keepalive_interval=interval, connect_timeout=3))
+    try:
+        driver.start()
+        kc = driver.client()
+        sessions = ssh_env.server.session_pids()
+        run_cell(kc, "pass")  # its reply is the last packet before the silence
+        for pid in sessions:
+            os.kill(pid, signal.SIGSTOP)
+        silent = time.monotonic()
+        try:
+            wait_for(lambda: "Lost the SSH connection" in caplog.text, 5 * interval, "the loss")
+            noticed = time.monotonic() - silent
+        finally:
+            for pid in sessions:
+                os.kill(pid, signal.SIGCONT)
+        assert 3 * interval - 0.5 < noticed < 3 * interval + 1.0, noticed
+        wait_for(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+        assert run_cell(kc, "pass")[1]["status"] == "ok"
+    finally:
+        driver.close()
+
+
+def test_killed_agent_is_not_a_lost_connection(remote_spec, no_leftovers, caplog):
+    """Only the remote agent's daemon dies (the SSH connection is fine): the log says so, a
+    new agent takes the kernel over and it runs on with its state."""
+    caplog.set_level(logging.INFO)
+    driver = Driver("blocking", remote_spec(**FAST))
+    try:
+        driver.start()
+        kc = driver.client()
+        run_cell(kc, "x = 5")
+        kernel = driver.provisioner._kernel
+        os.kill(kernel._agent.hello["daemon_pid"], signal.SIGKILL)
+        wait_for(lambda: "Reconnected to" in caplog.text, 30, "the re-attach")
+        assert "Lost the SSH connection" not in caplog.text
+        assert "closed its channel (exit status 0); the SSH connection is up" in caplog.text
+        assert run_cell(kc, "print(x)")[0] == "5\n"
+    finally:
+        driver.close()
+
+
+def test_kernel_gone_with_its_agent(remote_spec, no_leftovers, caplog):
+    """The agent and the kernel are gone at once (as in a reboot): the log says what is known,
+    with no guess about orphan_timeout, and the kernel is reported dead."""
+    caplog.set_level(logging.INFO)
+    driver = Driver("blocking", remote_spec(**FAST))
+    try:
+        driver.start()
+        driver.client()
+        kernel = driver.provisioner._kernel
+        daemon = kernel._agent.hello["daemon_pid"]
+        os.kill(daemon, signal.SIGSTOP)  # so that it cannot report the kernel's end
+        os.killpg(kernel.pid, signal.SIGKILL)
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not driver.is_alive(), 30, "the kernel to be reported dead")
+        assert (
+            f"Remote kernel {kernel.kernel_id} is gone from {kernel.settings.target.describe()}: "
+            f"the remote agent that ran it is gone and the kernel with it (the host rebooted, "
+            f"or the agent and the kernel were killed)"
+        ) in caplog.text
+        assert "orphan_timeout" not in caplog.text
+    finally:
+        driver.close()
 
 
 def test_link_to_bastion_cut_and_restored(jump_spec, topology, no_leftovers, caplog):

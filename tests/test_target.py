@@ -98,3 +98,21 @@ def test_proxyjump_loop_is_an_error(tmp_path):
     path.write_text("Host a\n    ProxyJump b\nHost b\n    ProxyJump a\n")
     with pytest.raises(ConfigError, match="too long or loops"):
         resolve("a", ssh_config=str(path))
+
+
+def test_host_key_command_checks_the_files_the_kernel_reads(ssh_config, tmp_path):
+    """A bare `ssh` would check (and record) keys in ~/.ssh/known_hosts: the hint's command
+    names the spec's files, for jump hosts too (through ProxyCommand, since `ssh -J` passes
+    no -o to the jump host's ssh; %-tokens escaped once per level)."""
+    me = getpass.getuser()
+    assert resolve("gpu", jump="none", ssh_config=ssh_config).host_key_command() == (
+        f"ssh -F {ssh_config} -o UserKnownHostsFile=/etc/jrp_known_hosts alice@gpu"
+    )
+    kh = tmp_path / "k%h"
+    target = resolve("gpu", ssh_config=None, known_hosts=str(kh), jump="a@b:2200")
+    inner = f"ssh -o UserKnownHostsFile={tmp_path}/k%%%%h -p 2200 -W '\"'\"'[%h]:%p'\"'\"' a@b"
+    assert target.host_key_command() == (
+        f"ssh -o UserKnownHostsFile={tmp_path}/k%%h -o 'ProxyCommand={inner}' {me}@gpu"
+    )
+    plain = resolve("gpu", jump="a@b:2200", ssh_config=None)
+    assert plain.host_key_command() == f"ssh -J a@b:2200 {me}@gpu"
