@@ -165,16 +165,17 @@ def test_bad_spec_is_one_line(remote_spec, launch):
     assert "unknown key(s) 'hostname'" in line
 
 
-def test_start_failure_is_one_line(remote_spec, launch):
-    started = launch(remote_spec(argv=launcher_argv(), python="/nonexistent/python3"))
+def failure_line(started: VSCodeStyleLaunch) -> str:
+    """The last line a failed launcher wrote: exit status 1, no traceback."""
     assert started.exit_status() == 1
     err = started.close()
     assert "Traceback" not in err
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .endswith("to the full path of an interpreter that exists there")
-    )
+    return err.strip().splitlines()[-1]
+
+
+def test_start_failure_is_one_line(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv(), python="/nonexistent/python3"))
+    assert failure_line(started).endswith("to the full path of an interpreter that exists there")
 
 
 def test_taken_port_is_one_line(remote_spec, launch):
@@ -185,16 +186,10 @@ def test_taken_port_is_one_line(remote_spec, launch):
         taken.listen()
         port = taken.getsockname()[1]
         started = launch(remote_spec(argv=launcher_argv()), ports=[*free_ports(4), port])
-        assert started.exit_status() == 1
-    err = started.close()
-    assert "Traceback" not in err
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .endswith(
-            f": error: cannot listen on 127.0.0.1:{port}, the hb port of the connection file: "
-            f"another program uses it; restart the kernel so that the client picks free ports"
-        )
+        line = failure_line(started)
+    assert line.endswith(
+        f": error: cannot listen on 127.0.0.1:{port}, the hb port of the connection file: "
+        f"another program uses it; restart the kernel so that the client picks free ports"
     )
 
 
