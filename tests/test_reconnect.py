@@ -113,6 +113,7 @@ def test_loss_noticed_after_three_keepalive_intervals(remote_spec, ssh_env, no_l
                 os.kill(pid, signal.SIGCONT)
         assert 3 * interval - 0.5 < noticed < 3 * interval + 1.0, noticed
         wait_for(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+        kc.wait_for_ready(timeout=30)  # as a client re-syncs: shell and iopub are back
         assert run_cell(kc, "pass")[1]["status"] == "ok"
     finally:
         driver.close()
