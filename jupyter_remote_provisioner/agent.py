@@ -156,7 +156,7 @@ class _Session(asyncssh.SSHClientSession[bytes]):
         self._agent.exit_status = status
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._agent.channel_closed()
+        self._agent.channel_closed(link_lost=exc is not None)
 
 
 class RemoteAgent:
@@ -167,6 +167,8 @@ class RemoteAgent:
         self.host_label = host_label
         self.hello: dict[str, Any] = {}
         self.stderr = ""
+        self.fatal = ""  # why the agent gave up, in its own words (its "fatal" event)
+        self.link_lost = False  # the channel closed because the SSH connection did
         self.exit_status: int | None = None
         self.closed = asyncio.Event()
         self._channel: asyncssh.SSHClientChannel[bytes] | None = None
@@ -254,6 +256,10 @@ class RemoteAgent:
             await asyncio.sleep(interval)
 
     def _start_failure(self) -> LaunchError:
+        """The agent's own reason when it gave one (python ran: the reason is not python's;
+        it also wrote it to stderr, so stderr is not repeated), else python's failure."""
+        if self.fatal:
+            return LaunchError(f"the remote agent on {self.host_label} cannot start: {self.fatal}")
         return start_failure(self.python, self.host_label, self.exit_status, self.stderr)
 
     async def request(
@@ -315,12 +321,14 @@ class RemoteAgent:
             if callback is not None:
                 callback(int(message.get("status", -1)), message.get("log_tail") or "")
         elif event == "fatal":
-            self.stderr += str(message.get("error", ""))
+            self.fatal = str(message.get("error", ""))
         elif event == "log":
             log.info("remote agent on %s: %s", self.host_label, message.get("message"))
 
-    def channel_closed(self) -> None:
-        """The channel is gone: fail every waiter and tell every watched kernel."""
+    def channel_closed(self, link_lost: bool = False) -> None:
+        """The channel is gone (with the SSH connection when ``link_lost``, else the agent
+        ended it): fail every waiter and tell every watched kernel."""
+        self.link_lost = link_lost
         self.closed.set()
         if self._keepalive is not None:
             self._keepalive.cancel()

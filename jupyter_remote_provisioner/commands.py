@@ -185,7 +185,7 @@ def run_add(args: argparse.Namespace) -> int:
     jumps = [hop.strip() for value in args.jump for hop in value.split(",") if hop.strip()]
     extra: dict[str, Any] = {}
     if args.kernel_argv:
-        extra["kernel_argv"] = shlex.split(args.kernel_argv)
+        extra["kernel_argv"] = _split_command(args.kernel_argv)
     if args.identity_file:
         extra["identity_file"] = _local_path(args.identity_file, "--identity-file")
     if args.known_hosts:
@@ -226,10 +226,19 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def _write_out(spec: dict[str, Any], slug: str, summary: str, args: argparse.Namespace) -> int:
-    target = Path(args.out) / slug
+    out = Path(args.out)
+    target = out / slug
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out} is not a directory; give a directory to write into")
     if (target / "kernel.json").exists() and not args.replace:
         raise ConfigError(f"{target} already exists; use --replace to overwrite it")
-    write_spec_dir(spec, target)
+    try:
+        write_spec_dir(spec, target)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write kernelspec {slug} in {args.out}: {exc.strerror or exc}; give a "
+            f"directory you can write to with --out"
+        ) from None
     where = (
         "--sys-prefix"
         if args.sys_prefix
@@ -240,6 +249,17 @@ def _write_out(spec: dict[str, Any], slug: str, summary: str, args: argparse.Nam
     print(f"Wrote kernelspec {slug} ({summary}) in {target}")
     print(f"Install it with: jupyter kernelspec install {where} {shlex.quote(str(target))}")
     return 0
+
+
+def _split_command(command: str) -> list[str]:
+    """``--kernel-argv``: a command line split as a POSIX shell would."""
+    try:
+        return shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(
+            f"invalid --kernel-argv {command!r}: {str(exc).lower()}; quote it as you would "
+            f"in a shell"
+        ) from None
 
 
 def _parse_env(items: list[str]) -> dict[str, str]:

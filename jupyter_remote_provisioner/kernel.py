@@ -88,6 +88,7 @@ class RemoteKernel:
         self._agent_client: int | None = None  # the agent daemon's id for our channel
         self._late_stop: asyncio.Task[None] | None = None  # see abandon()
         self.curve: dict[str, str] = {}  # the Curve keys the kernel runs with, if any
+        self._daemon_pid: int | None = None  # the agent daemon that runs the kernel
 
     @property
     def running(self) -> bool:
@@ -138,7 +139,7 @@ class RemoteKernel:
             raise
         self.pid = reply.get("pid")
         self.exit_status, self._running = None, True
-        self._agent_client = self._agent.hello.get("client") if self._agent else None
+        self._note_agent()
         self._exited.clear()
         assert self._conn is not None and self._conn.ssh is not None
         self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
@@ -336,8 +337,16 @@ class RemoteKernel:
         """Reconnect, re-attach and re-point the listeners; give up after reconnect_timeout."""
         settings = self.settings
         where = settings.target.describe()
-        self.log.warning("Lost the SSH connection to %s; reconnecting (kernel %s keeps running "
-                         "there)", where, self.kernel_id)  # fmt: skip
+        agent = self._agent
+        if agent is None or agent.link_lost:
+            self.log.warning("Lost the SSH connection to %s; reconnecting (kernel %s keeps "
+                             "running there)", where, self.kernel_id)  # fmt: skip
+        else:
+            self.log.warning(
+                "The remote agent on %s closed its channel (exit status %s%s); the SSH "
+                "connection is up. Restarting the agent and re-attaching to kernel %s", where,
+                agent.exit_status, f": {agent.fatal}" if agent.fatal else "", self.kernel_id,
+            )  # fmt: skip
         started = time.monotonic()
         deadline = started + settings.reconnect_timeout
         pause, problem = RECONNECT_PAUSES[0], "no attempt finished"
@@ -413,20 +422,29 @@ class RemoteKernel:
         except BaseException:
             self._agent.on_exit(self.kernel_id, None)
             raise
-        self._agent_client = self._agent.hello.get("client")
+        self._note_agent()
         self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
         return reply
+
+    def _note_agent(self) -> None:
+        """Remember the daemon's ids for our channel and for itself (see _gone_while_away)."""
+        hello = self._agent.hello if self._agent else {}
+        self._agent_client, self._daemon_pid = hello.get("client"), hello.get("daemon_pid")
 
     def _gone_while_away(self, reply: Mapping[str, Any]) -> None:
         """The kernel was not there to re-attach to: it exited, or was reaped as an orphan."""
         if "exited" in reply:
             self._on_exit(int(reply["exited"]), str(reply.get("log_tail") or ""))
             return
-        self.log.warning(
-            "Remote kernel %s is gone from %s (stopped while disconnected, e.g. after "
-            "orphan_timeout=%s s)", self.kernel_id, self.settings.target.describe(),
-            self.settings.orphan_timeout,
-        )  # fmt: skip
+        daemon = self._agent.hello.get("daemon_pid") if self._agent else None
+        if daemon != self._daemon_pid:
+            why = ("the remote agent that ran it is gone and the kernel with it (the host "
+                   "rebooted, or the agent and the kernel were killed)")  # fmt: skip
+        else:
+            why = ("it ended while this client was away, longer ago than the remote agent "
+                   "remembers exits")  # fmt: skip
+        self.log.warning("Remote kernel %s is gone from %s: %s", self.kernel_id,
+                         self.settings.target.describe(), why)  # fmt: skip
         self._set_exited(LOST)
 
     async def signal(self, signum: int) -> None:

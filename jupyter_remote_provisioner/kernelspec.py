@@ -33,8 +33,12 @@ PROVISIONER_NAME = "remote-ssh-provisioner"
 LOCAL_PROVISIONER = "local-provisioner"  # jupyter_client's default when a spec names none
 LAUNCHER = "jupyter-remote-kernel"
 LAUNCH_ARGS = ("launch", "--kernelspec", "{resource_dir}", "-f", "{connection_file}")
+MAX_SLUG = 64  # a kernel name is a directory name: far below the file system's 255 bytes
 SLUG_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
-SLUG_RULE = "use lowercase letters a-z, digits, '_' and '.', starting with a letter or digit"
+SLUG_RULE = (
+    f"use at most {MAX_SLUG} lowercase letters a-z, digits, '_' and '.', starting with a "
+    f"letter or digit"
+)
 
 
 def slugify(display_name: str) -> str:
@@ -43,7 +47,7 @@ def slugify(display_name: str) -> str:
     text = unicodedata.normalize("NFKD", display_name).encode("ascii", "ignore").decode()
     text = re.sub(r"[\s\-@:/,]", "_", text.lower())
     text = re.sub(r"[^a-z0-9_.]", "", text)
-    text = re.sub(r"_+", "_", text).lstrip("_.").rstrip("_")
+    text = re.sub(r"_+", "_", text).lstrip("_.")[:MAX_SLUG].rstrip("_")
     if not text:
         raise ConfigError(
             f"cannot make a kernel name from {display_name!r}; pass --kernel-name ({SLUG_RULE})"
@@ -53,7 +57,7 @@ def slugify(display_name: str) -> str:
 
 def check_slug(slug: str) -> str:
     """Return ``slug`` if it is a valid kernel name, else raise a ConfigError."""
-    if not SLUG_RE.match(slug):
+    if not SLUG_RE.match(slug) or len(slug) > MAX_SLUG:
         raise ConfigError(f"invalid kernel name {slug!r}: {SLUG_RULE}")
     return slug
 
@@ -158,8 +162,8 @@ def install_spec(
             f"kernelspec {slug} already exists at {existing}; use --replace to overwrite it"
         )
     with tempfile.TemporaryDirectory(prefix="remote-kernelspec-") as tmp:
-        source = write_spec_dir(spec, os.path.join(tmp, slug))
         try:
+            source = write_spec_dir(spec, os.path.join(tmp, slug))
             return manager.install_kernel_spec(source, kernel_name=slug, user=user, prefix=prefix)
         except OSError as exc:
             raise ConfigError(

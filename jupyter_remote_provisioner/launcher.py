@@ -26,7 +26,7 @@ from .encryption import keys_of
 from .errors import ConfigError
 from .kernel import LOST, RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
-from .provisioner import remote_env, settings_from_config
+from .provisioner import check_env, remote_env, settings_from_config
 from .signals import SIGINT, SIGTERM, foreground_signals
 from .tunnel import CHANNELS
 
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     config, spec_env = read_spec_config(args.kernelspec)
     connection = read_connection_file(args.connection_file)
     settings = settings_from_config(config)
+    check_env(spec_env, "the kernelspec's env")
     log_to_stderr()
     if settings.transport == "tcp" and "curve" not in connection.session:
         log.warning(

@@ -37,6 +37,17 @@ def remote_env(spec_env: Mapping[str, str], local_env: Mapping[str, str]) -> dic
     return env
 
 
+def check_env(env: Mapping[str, str], where: str) -> None:
+    """Refuse what no process environment can hold: an empty name, '=' in a name, a NUL byte
+    (the remote host would fail the start with an OS error instead)."""
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name + value:
+            raise ConfigError(
+                f"invalid environment variable {name!r} in {where}: a name must be non-empty "
+                f"and have no '=', and neither name nor value may contain a NUL byte"
+            )
+
+
 def settings_from_config(config: Mapping[str, Any]) -> KernelSettings:
     """A kernelspec's provisioner config, validated and resolved as the provisioner does it."""
     return RemoteSSHProvisioner(**config).settings()
@@ -147,12 +158,29 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         if self.kernel_argv and not any("{connection_file}" in a for a in self.kernel_argv):
             raise ConfigError("kernel_argv must contain {connection_file}")
+        self._check_durations()
+        check_env(self.env, "metadata.kernel_provisioner.config.env")
         self.connection_info = {}
         self._kernel: RemoteKernel | None = None
         self._remote_env: dict[str, str] = {}
         self._local_dir = os.getcwd()
         self._holds_loop = False
         self._curve: dict[str, str] = {}
+
+    # Seconds: 0 would leave no time at all for these...
+    POSITIVE = ("connect_timeout", "launch_timeout")
+    # ...and means "off" or "at once" for these (orphan_timeout may also be null: never).
+    NON_NEGATIVE = ("keepalive_interval", "reconnect_timeout", "orphan_timeout",
+                    "connection_persist")  # fmt: skip
+
+    def _check_durations(self) -> None:
+        for key in self.POSITIVE + self.NON_NEGATIVE:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            floor = "> 0" if key in self.POSITIVE else ">= 0"
+            if not (value > 0 if key in self.POSITIVE else value >= 0):
+                raise ConfigError(f"{key} must be a number of seconds {floor}, not {value:g}")
 
     # -- settings ----------------------------------------------------------------------
 
@@ -191,7 +219,9 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Resolve the target and prepare the remote environment; no local connection file."""
         local_env = dict(kwargs.pop("env", os.environ))
-        self._remote_env = remote_env(self.kernel_spec.env if self.kernel_spec else {}, local_env)
+        spec_env = self.kernel_spec.env if self.kernel_spec else {}
+        check_env(spec_env, "the kernelspec's env")
+        self._remote_env = remote_env(spec_env, local_env)
         kwargs.pop("extra_arguments", None)
         # jupyter_server, nbclient and papermill pass the notebook's directory as cwd
         self._local_dir = kwargs.get("cwd") or os.getcwd()

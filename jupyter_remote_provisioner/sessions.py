@@ -78,16 +78,32 @@ def register(subparsers: Any) -> None:
 
 @dataclass
 class Host:
-    """One remote daemon: a target and interpreter, and the kernelspecs that use it."""
+    """One way to a remote daemon: a target and interpreter, and the kernelspecs that use it.
+    Kernelspecs may reach one daemon in several ways (an alias and an address, another key
+    file): :func:`distinct_kernels` tells the kernels apart by what the daemon reports."""
 
     settings: KernelSettings
     specs: list[str] = field(default_factory=list)
     kernels: list[dict[str, Any]] = field(default_factory=list)
+    machine: str | None = None  # the remote host's identity, as its daemon reports it
     error: str = ""
 
     @property
     def label(self) -> str:
         return self.settings.target.host.label
+
+
+@dataclass
+class Listed:
+    """One remote kernel, with the first way that reached it and every kernelspec that did."""
+
+    info: dict[str, Any]
+    host: Host
+    specs: list[str]
+
+    @property
+    def kernel_id(self) -> str:
+        return str(self.info["kernel"])
 
 
 def hosts_of(name: str | None) -> list[Host]:
@@ -126,6 +142,7 @@ async def _list(host: Host) -> None:
         async with agent_session(host.settings) as agent:
             reply = await agent.request("list", reply_timeout=host.settings.connect_timeout)
         host.kernels = list(reply.get("kernels", []))
+        host.machine = reply.get("host_id")
     except (RemoteKernelError, AgentError, AgentLost, asyncio.TimeoutError) as exc:
         host.error = str(exc) or "no answer from the remote agent"
 
@@ -134,32 +151,44 @@ async def _list_all(hosts: list[Host]) -> None:
     await asyncio.gather(*(_list(host) for host in hosts))
 
 
-def _report_errors(hosts: list[Host]) -> bool:
+def distinct_kernels(hosts: list[Host]) -> list[Listed]:
+    """The kernels the hosts listed, each once: a kernel is its host's identity, its id, pid
+    and directory there, whichever name or key file the kernelspec reached it by."""
+    found: dict[tuple[Any, ...], Listed] = {}
     for host in hosts:
-        if host.error:
-            print(f"{host.label}: {host.error}", file=sys.stderr)
-    return any(host.error for host in hosts)
+        for k in host.kernels:
+            key = (host.machine, str(k["kernel"]), k.get("pid"), k.get("dir"))
+            listed = found.setdefault(key, Listed(k, host, []))
+            listed.specs.extend(s for s in host.specs if s not in listed.specs)
+    return list(found.values())
+
+
+def _unreached(hosts: list[Host]) -> list[Host]:
+    return [host for host in hosts if host.error]
 
 
 def run_ps(args: argparse.Namespace) -> int:
     hosts = hosts_of(args.name)
     asyncio.run(_list_all(hosts))
-    rows = [(host, k) for host in hosts for k in host.kernels]
+    kernels = distinct_kernels(hosts)
     if args.json:
-        listing = [dict(k, host=host.label, kernelspecs=host.specs) for host, k in rows]
+        listing = [dict(k.info, host=k.host.label, kernelspecs=k.specs) for k in kernels]
         print(json.dumps(listing, indent=2))
-    else:
-        _print_table(rows)
-    return 1 if _report_errors(hosts) else 0
+    elif kernels:
+        _print_table(kernels)
+    elif len(_unreached(hosts)) < len(hosts):  # an unreachable host is not an empty one
+        reached = [host.label for host in hosts if not host.error]
+        where = f" on {', '.join(reached)}" if _unreached(hosts) else ""
+        print(f"No remote kernels running{where}.")
+    for host in _unreached(hosts):
+        print(f"cannot list the kernels on {host.label}: {host.error}", file=sys.stderr)
+    return 1 if _unreached(hosts) else 0
 
 
-def _print_table(rows: list[tuple[Host, dict[str, Any]]]) -> None:
-    if not rows:
-        print("No remote kernels running.")
-        return
+def _print_table(kernels: list[Listed]) -> None:
     table = [("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED")]
     now = time.time()
-    for host, k in rows:
+    for host, k in ((listed.host, listed.info) for listed in kernels):
         busy = k.get("busy")
         state = "?" if busy is None else "busy" if busy else "idle"
         table.append((
@@ -195,20 +224,35 @@ def _duration(seconds: float) -> str:
 
 def find_kernel(prefix: str, name: str | None) -> tuple[Host, str]:
     """The host running the one kernel whose id starts with ``prefix``, and its full id."""
+    if not prefix.strip():
+        raise RemoteKernelError(
+            "no kernel id given; pass the id of a kernel (or a unique prefix of it) that "
+            "`remote_kernel ps` lists"
+        )
     hosts = hosts_of(name)
     asyncio.run(_list_all(hosts))
-    matches = [(host, k["kernel"]) for host in hosts for k in host.kernels
-               if str(k["kernel"]).startswith(prefix)]  # fmt: skip
+    matches = [k for k in distinct_kernels(hosts) if k.kernel_id.startswith(prefix)]
     if len(matches) == 1:
-        return matches[0]
-    _report_errors(hosts)
-    where = ", ".join(host.label for host in hosts)
-    if not matches:
+        return matches[0].host, matches[0].kernel_id
+    if matches:
+        ids = ", ".join(k.kernel_id for k in matches)
+        raise RemoteKernelError(f"{prefix} matches several kernels ({ids}); give more of the id")
+    unreached = _unreached(hosts)
+    problems = "; ".join(f"{host.label}: {host.error}" for host in unreached)
+    if len(unreached) == len(hosts):
         raise RemoteKernelError(
-            f"no kernel {prefix} is running on {where}; `remote_kernel ps` lists the kernels"
+            f"cannot look for kernel {prefix}: could not reach {problems}; run the command "
+            f"again once the host is reachable"
         )
-    ids = ", ".join(kid for _, kid in matches)
-    raise RemoteKernelError(f"{prefix} matches several kernels ({ids}); give more of the id")
+    where = ", ".join(host.label for host in hosts if not host.error)
+    if unreached:
+        raise RemoteKernelError(
+            f"no kernel {prefix} is running on {where}, and it may run where the command "
+            f"could not look ({problems}); run it again once that host is reachable"
+        )
+    raise RemoteKernelError(
+        f"no kernel {prefix} is running on {where}; `remote_kernel ps` lists the kernels"
+    )
 
 
 def run_stop(args: argparse.Namespace) -> int:
@@ -232,11 +276,33 @@ async def _stop(host: Host, kernel_id: str) -> dict[str, Any]:
 
 
 def run_attach(args: argparse.Namespace) -> int:
+    chosen = Path(args.connection_file).expanduser().absolute() if args.connection_file else None
+    if chosen is not None:
+        _check_writable(chosen)  # before any connection is made
     host, kernel_id = find_kernel(args.id, args.name)
-    path = Path(args.connection_file or _runtime_file(kernel_id)).expanduser().absolute()
+    path = chosen or Path(_runtime_file(kernel_id)).absolute()
+    _check_writable(path)
     log_to_stderr()
     kernel = RemoteKernel(kernel_id, host.settings, log)
     return asyncio.run(_attach(kernel, path))
+
+
+def _check_writable(path: Path) -> None:
+    """Fail with one line if the connection file could not be written at ``path``: it is a
+    directory, or its nearest existing parent is not a directory we may write in."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    problem = (
+        "it is a directory" if path.is_dir()
+        else f"{parent} is not a directory" if not parent.is_dir()
+        else f"{parent} is not writable" if not os.access(parent, os.W_OK | os.X_OK)
+        else ""
+    )  # fmt: skip
+    if problem:
+        raise RemoteKernelError(
+            f"cannot write the connection file {path}: {problem}; give another path with -f"
+        )
 
 
 def _runtime_file(kernel_id: str) -> str:
@@ -251,7 +317,13 @@ async def _attach(kernel: RemoteKernel, path: Path) -> int:
     loop.acquire()
     try:
         info = await loop.call(kernel.attach())
-        _write_connection_file(path, info)
+        try:
+            _write_connection_file(path, info)
+        except OSError as exc:
+            raise RemoteKernelError(
+                f"cannot write the connection file {path}: {exc.strerror or exc}; give "
+                f"another path with -f (the kernel keeps running)"
+            ) from None
         with foreground_signals(detach.set):
             print(f"Attached to kernel {kernel.kernel_id} on {kernel.settings.target.describe()}.\n"
                   f"Connection file: {path}\n"
@@ -265,7 +337,7 @@ async def _attach(kernel: RemoteKernel, path: Path) -> int:
         print("Detached; the kernel keeps running.", flush=True)
         return 0
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             path.unlink()
         try:
             await loop.call(kernel.close(keep_kernel=True))

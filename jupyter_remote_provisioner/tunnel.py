@@ -10,6 +10,7 @@ those channels do not count against sshd's MaxSessions.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections.abc import Mapping
 from functools import partial
@@ -17,6 +18,7 @@ from functools import partial
 import asyncssh
 from asyncssh.forward import SSHForwarder, SSHLocalPortForwarder
 
+from .errors import LaunchError
 from .ssh import WINDOW
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,10 @@ class KernelTunnel:
         try:
             for name in CHANNELS:
                 wanted = ports.get(f"{name}_port", 0) if ports else 0
-                server = await loop.create_server(partial(self._accept, name), LOOPBACK, wanted)
+                try:
+                    server = await loop.create_server(partial(self._accept, name), LOOPBACK, wanted)
+                except OSError as exc:
+                    raise _bind_error(name, wanted, exc) from None
                 self._servers.append(server)
                 self.ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
@@ -123,3 +128,16 @@ class KernelTunnel:
     def connection_info(self) -> dict[str, int]:
         """``shell_port`` … ``control_port`` as jupyter_client names them."""
         return {f"{name}_port": port for name, port in self.ports.items()}
+
+
+def _bind_error(channel: str, port: int, exc: OSError) -> LaunchError:
+    """One line for a local listener that could not be bound."""
+    where = f"{LOOPBACK} for the kernel's {channel} channel"
+    if port:
+        where = f"{LOOPBACK}:{port}, the {channel} port of the connection file"
+    if exc.errno == errno.EADDRINUSE:
+        return LaunchError(
+            f"cannot listen on {where}: another program uses it; restart the kernel so that "
+            f"the client picks free ports"
+        )
+    return LaunchError(f"cannot listen on {where}: {exc.strerror or exc}")

@@ -204,7 +204,38 @@ def test_add_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
     assert "must contain {connection_file}" in cli.fails(
         "add", "--endpoint", "gpu", "--kernel-argv", "R --slave"
     )
+    assert cli.fails("add", "--endpoint", "gpu", "--kernel-argv", 'R "x') == (
+        "invalid --kernel-argv 'R \"x': no closing quotation; quote it as you would in a shell"
+    )
+    assert "invalid kernel name" in cli.fails(
+        "add", "--endpoint", "gpu", "--kernel-name", "k" * 300
+    )
     assert not (cli.data / "kernels").exists()
+
+
+def test_add_out_errors_are_one_line(cli: Cli, tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    add = ("add", "--endpoint", "gpu", "--name", "GPU")
+    assert cli.fails(*add, "--out", str(a_file)) == (
+        f"--out {a_file} is not a directory; give a directory to write into"
+    )
+    assert cli.fails(*add, "--out", str(a_file / "below")) == (
+        f"cannot write kernelspec gpu in {a_file / 'below'}: Not a directory; give a "
+        f"directory you can write to with --out"
+    )
+    assert cli.fails(*add, "--out", "/proc/no-such-dir").startswith(
+        "cannot write kernelspec gpu in /proc/no-such-dir: "
+    )
+
+
+def test_add_long_name_makes_a_short_kernel_name(cli: Cli) -> None:
+    name = "Remote " + "x" * 300
+    out = cli.rk("add", "--endpoint", "gpu", "--name", name).stdout
+    slug = "remote_" + "x" * 57
+    assert out.startswith(f"Installed kernelspec {slug} ({name} -> gpu) in ")
+    spec = json.loads((cli.data / "kernels" / slug / "kernel.json").read_text())
+    assert spec["display_name"] == name
 
 
 def test_add_options_reach_kernel_json(cli: Cli) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -59,11 +62,61 @@ def test_authentication_failure(direct_spec, tmp_path, no_leftovers, kind):
     assert "authentication as" in message and "authorized_keys" in message
 
 
-def test_unknown_host_key(direct_spec, tmp_path, no_leftovers, kind):
+def test_unknown_host_key(direct_spec, ssh_env, tmp_path, no_leftovers, kind):
+    """The hint, followed as printed, records the key in the kernelspec's known_hosts (a bare
+    `ssh` would write to ~/.ssh/known_hosts instead), and then the kernel starts."""
     empty = tmp_path / "known_hosts"
     empty.write_text("")
-    message = start_error(direct_spec(known_hosts=str(empty)), kind)
-    assert "is not in" in message and "run `ssh -p" in message
+    name = direct_spec(known_hosts=str(empty))
+    message = start_error(name, kind)
+    hint = re.search(r"is not in (\S+); run `([^`]+)` once to check and add it$", message)
+    assert hint is not None and hint[1] == str(empty), message
+    assert f"-o UserKnownHostsFile={empty} " in hint[2]
+    user_file = Path.home() / ".ssh" / "known_hosts"
+    before = user_file.read_bytes() if user_file.exists() else None
+    ssh, *rest = shlex.split(hint[2])  # as a user who answers "yes" to ssh's question:
+    answer_yes = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes"]
+    subprocess.run([ssh, *answer_yes, "-i", str(ssh_env.identity_file), *rest, "true"],
+                   capture_output=True, timeout=30, check=True)  # fmt: skip
+    assert (user_file.read_bytes() if user_file.exists() else None) == before
+    assert ssh_env.server.host_public_key in empty.read_text()
+    driver = Driver(kind, name)
+    try:
+        driver.start()
+    finally:
+        driver.close()
+
+
+def test_unknown_host_key_behind_a_jump_host(direct_spec, ssh_env, tmp_path, no_leftovers):
+    """The same through a jump host (the loopback sshd, named localhost, reaching itself):
+    the hint's nested command works as printed for a user whose key is in ssh-agent."""
+    known = tmp_path / "known_hosts"
+    known.write_text(ssh_env.server.known_hosts_line(f"[localhost]:{ssh_env.port}"))
+    me = f"{ssh_env.user}@localhost:{ssh_env.port}"
+    name = direct_spec(host=f"{ssh_env.user}@127.0.0.1:{ssh_env.port}", jump=[me],
+                       known_hosts=str(known))  # fmt: skip
+    message = start_error(name, "blocking")
+    hint = re.search(r"run `([^`]+)` once to check and add it$", message)
+    assert hint is not None and "ProxyCommand=" in hint[1], message
+    ssh, *rest = shlex.split(hint[1])
+    agent = subprocess.run(
+        ["ssh-agent", "-s"], capture_output=True, text=True, timeout=10, check=True
+    )
+    env = dict(os.environ, **dict(re.findall(r"(SSH_\w+)=([^;]+);", agent.stdout)))
+    try:
+        subprocess.run(["ssh-add", str(ssh_env.identity_file)], env=env, capture_output=True,
+                       timeout=10, check=True)  # fmt: skip
+        answer_yes = ["-o", "StrictHostKeyChecking=accept-new", "-o", "BatchMode=yes"]
+        subprocess.run([ssh, *answer_yes, *rest, "true"], env=env, capture_output=True,
+                       timeout=30, check=True)  # fmt: skip
+    finally:
+        os.kill(int(env["SSH_AGENT_PID"]), signal.SIGTERM)
+    assert known.read_text().count(ssh_env.server.host_public_key) == 2  # (maybe hashed)
+    driver = Driver("blocking", name)
+    try:
+        driver.start()
+    finally:
+        driver.close()
 
 
 def test_changed_host_key(direct_spec, ssh_env, tmp_path, no_leftovers, kind):
@@ -143,7 +196,43 @@ def test_kernel_that_never_listens_times_out(remote_spec, no_leftovers, kind):
 
 def test_missing_remote_cwd(remote_spec, no_leftovers, kind):
     message = start_error(remote_spec(cwd="/nonexistent/project"), kind)
-    assert "/nonexistent/project" in message
+    assert "/nonexistent/project does not exist" in message
+
+
+def test_remote_cwd_that_is_a_file(remote_spec, tmp_path, no_leftovers, kind):
+    (tmp_path / "notes.txt").write_text("")
+    message = start_error(remote_spec(cwd=str(tmp_path / "notes.txt")), kind)
+    assert message.endswith(f"remote working directory {tmp_path}/notes.txt is not a directory")
+
+
+def test_zero_launch_timeout(remote_spec, no_leftovers, kind):
+    """Refused like every timeout that would leave no time (it used to become 60 s)."""
+    message = start_error(remote_spec(launch_timeout=0), kind)
+    assert message == "launch_timeout must be a number of seconds > 0, not 0"
+
+
+def test_env_name_with_equals_sign(remote_spec, no_leftovers, kind):
+    message = start_error(remote_spec(env={"A=B": "1"}), kind)
+    assert message.startswith(
+        "invalid environment variable 'A=B' in metadata.kernel_provisioner.config.env: "
+    )
+
+
+def test_unsafe_remote_base_dir(remote_spec, ssh_env, tmp_path, no_leftovers, kind):
+    """The agent's own reason, once, as the agent's (not as python failing to start), with
+    its remedy: here the private base dir on the host is open to other users."""
+    root = tmp_path / "rtmp"
+    base = root / f"jupyter-remote-{os.getuid()}"
+    base.mkdir(parents=True)
+    base.chmod(0o755)
+    python = tmp_path / "python3"  # the remote python, with a TMPDIR of its own
+    python.write_text(f'#!/bin/sh\nTMPDIR={root} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    message = start_error(remote_spec(python=str(python)), kind)
+    assert message == (
+        f"the remote agent on {ssh_env.alias} ({ssh_env.host}:{ssh_env.port}) cannot start: "
+        f"{base} is open to other users (mode 755); run `chmod 700 {base}` on the host"
+    )
 
 
 def test_unknown_config_key(remote_spec, no_leftovers, kind):

@@ -57,6 +57,8 @@ def write_local_spec(data_dir: Path, name: str, display_name: str) -> Path:
         ("__x__", "x"),
         ("ubuntu@127.0.0.1:1", "ubuntu_127.0.0.1_1"),  # add without --name: the endpoint
         ("gw@bastion.example.com:2222", "gw_bastion.example.com_2222"),
+        ("x" * 300, "x" * 64),
+        ("a" * 63 + " b", "a" * 63),
     ],
 )
 def test_slugify(name: str, slug: str) -> None:
@@ -71,7 +73,7 @@ def test_slugify_empty_is_an_error(name: str) -> None:
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("slug", ["Remote", "_x", ".x", "a-b", "a b", "", "é"])
+@pytest.mark.parametrize("slug", ["Remote", "_x", ".x", "a-b", "a b", "", "é", "x" * 65])
 def test_explicit_kernel_name_rules(slug: str) -> None:
     with pytest.raises(ConfigError, match="lowercase letters a-z, digits, '_' and '.'"):
         check_slug(slug)
@@ -140,6 +142,11 @@ def test_build_spec_keeps_only_given_keys() -> None:
         ({"extra_config": {"kernel_argv": ["R"]}}, "must contain {connection_file}"),
         ({"extra_config": {"host": "other"}}, "'host' is given twice"),
         ({"display_name": " "}, "display name is empty"),
+        ({"env": {"A=B": "1"}}, "invalid environment variable 'A=B' in metadata.kernel_prov"),
+        ({"env": {"": "1"}}, "invalid environment variable '' in metadata.kernel_provisioner"),
+        ({"extra_config": {"launch_timeout": 0}}, "launch_timeout must be a number of seconds > 0"),
+        ({"extra_config": {"connect_timeout": -1}}, "connect_timeout must be a number of secon"),
+        ({"extra_config": {"orphan_timeout": -1}}, "orphan_timeout must be a number of seconds >="),
     ],
 )
 def test_build_spec_validation_errors(kwargs: dict, message: str) -> None:

@@ -62,10 +62,12 @@ class VSCodeStyleLaunch:
         workdir: Path,
         cwd: Path | None = None,
         extra: dict[str, Any] | None = None,
+        ports: list[int] | None = None,
     ) -> None:
         spec_dir = kernels_dir / kernel_name
         argv = json.loads((spec_dir / "kernel.json").read_text())["argv"]
-        self.info: dict[str, Any] = dict(zip([f"{c}_port" for c in CHANNELS], free_ports(5)))
+        ports = ports or free_ports(5)
+        self.info: dict[str, Any] = dict(zip([f"{c}_port" for c in CHANNELS], ports))
         self.info.update(
             ip="127.0.0.1", transport="tcp", key="vscode-test-key", signature_scheme="hmac-sha256"
         )
@@ -114,8 +116,13 @@ def launch(kernels_dir, tmp_path, no_leftovers):
     """``launch(name)`` runs a spec the VS Code way; everything is checked gone afterwards."""
     launches: list[VSCodeStyleLaunch] = []
 
-    def start(kernel_name: str, cwd: Path | None = None, **extra: Any) -> VSCodeStyleLaunch:
-        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path, cwd, extra))
+    def start(
+        kernel_name: str,
+        cwd: Path | None = None,
+        ports: list[int] | None = None,
+        **extra: Any,
+    ) -> VSCodeStyleLaunch:
+        launches.append(VSCodeStyleLaunch(kernels_dir, kernel_name, tmp_path, cwd, extra, ports))
         return launches[-1]
 
     yield start
@@ -173,15 +180,31 @@ def test_bad_spec_is_one_line(remote_spec, launch):
     assert "unknown key(s) 'hostname'" in line
 
 
-def test_start_failure_is_one_line(remote_spec, launch):
-    started = launch(remote_spec(argv=launcher_argv(), python="/nonexistent/python3"))
+def failure_line(started: VSCodeStyleLaunch) -> str:
+    """The last line a failed launcher wrote: exit status 1, no traceback."""
     assert started.exit_status() == 1
     err = started.close()
     assert "Traceback" not in err
-    assert (
-        err.strip()
-        .splitlines()[-1]
-        .endswith("to the full path of an interpreter that exists there")
+    return err.strip().splitlines()[-1]
+
+
+def test_start_failure_is_one_line(remote_spec, launch):
+    started = launch(remote_spec(argv=launcher_argv(), python="/nonexistent/python3"))
+    assert failure_line(started).endswith("to the full path of an interpreter that exists there")
+
+
+def test_taken_port_is_one_line(remote_spec, launch):
+    """A port of the client's connection file is taken by another program by the time the
+    launcher binds it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = launch(remote_spec(argv=launcher_argv()), ports=[*free_ports(4), port])
+        line = failure_line(started)
+    assert line.endswith(
+        f": error: cannot listen on 127.0.0.1:{port}, the hb port of the connection file: "
+        f"another program uses it; restart the kernel so that the client picks free ports"
     )
 
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
 from drivers import Driver
-from kernels import remote_processes, wait_for, wait_for_async
+from kernels import remote_processes, run_cell, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -39,7 +40,11 @@ async def until_running(kc: Any, msg_id: str) -> None:
 
 
 def survives(
-    kernel_name: str, caplog: Any, fault: Callable[[], None], repair: Callable[[], None]
+    kernel_name: str,
+    caplog: Any,
+    fault: Callable[[], None],
+    repair: Callable[[], None],
+    loss: str = "Lost the SSH connection",
 ) -> None:
     """Run a cell that is still sleeping when ``fault()`` drops the connection; during the
     outage the kernel is alive for jupyter_client; after ``repair()`` the package reconnects
@@ -63,7 +68,7 @@ def survives(
             slow = kc.execute(SLOW_CELL)
             await until_running(kc, slow)
             fault()
-            await wait_for_async(lambda: "Lost the SSH connection" in caplog.text, 15, "the loss")
+            await wait_for_async(lambda: loss in caplog.text, 15, "the loss")
             assert await km.is_alive(), "poll() reported the kernel dead during the outage"
             repair()
             await wait_for_async(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
@@ -100,7 +105,61 @@ def test_agent_daemon_killed(remote_spec, remote_tmp, no_leftovers, caplog):
         [pid] = [int(p.split()[0]) for p in remote_processes(remote_tmp) if DAEMON_MARK in p]
         os.kill(pid, signal.SIGKILL)
 
-    survives(remote_spec(**FAST), caplog, kill_daemon, lambda: None)
+    agent_closed = "closed its channel (exit status 0); the SSH connection is up"
+    survives(remote_spec(**FAST), caplog, kill_daemon, lambda: None, loss=agent_closed)
+    assert "Lost the SSH connection" not in caplog.text
+
+
+def test_loss_noticed_after_three_keepalive_intervals(remote_spec, ssh_env, no_leftovers, caplog):
+    """The host falls silent (its sshd frozen, the TCP connection open): the loss is noticed
+    3 x keepalive_interval after the last packet came back, as the README says."""
+    caplog.set_level(logging.INFO)
+    interval = 2.0
+    driver = Driver("blocking", remote_spec(keepalive_interval=interval, connect_timeout=3))
+    try:
+        driver.start()
+        kc = driver.client()
+        sessions = ssh_env.server.session_pids()
+        run_cell(kc, "pass")  # its reply is the last packet before the silence
+        for pid in sessions:
+            os.kill(pid, signal.SIGSTOP)
+        silent = time.monotonic()
+        try:
+            wait_for(lambda: "Lost the SSH connection" in caplog.text, 5 * interval, "the loss")
+            noticed = time.monotonic() - silent
+        finally:
+            for pid in sessions:
+                os.kill(pid, signal.SIGCONT)
+        assert 3 * interval - 0.5 < noticed < 3 * interval + 1.0, noticed
+        wait_for(lambda: "Reconnected to" in caplog.text, 30, "the reconnect")
+        kc.wait_for_ready(timeout=30)  # as a client re-syncs: shell and iopub are back
+        assert run_cell(kc, "pass")[1]["status"] == "ok"
+    finally:
+        driver.close()
+
+
+def test_kernel_gone_with_its_agent(remote_spec, no_leftovers, caplog):
+    """The agent and the kernel are gone at once (as in a reboot): the log says what is known,
+    with no guess about orphan_timeout, and the kernel is reported dead."""
+    caplog.set_level(logging.INFO)
+    driver = Driver("blocking", remote_spec(**FAST))
+    try:
+        driver.start()
+        driver.client()
+        kernel = driver.provisioner._kernel
+        daemon = kernel._agent.hello["daemon_pid"]
+        os.kill(daemon, signal.SIGSTOP)  # so that it cannot report the kernel's end
+        os.killpg(kernel.pid, signal.SIGKILL)
+        os.kill(daemon, signal.SIGKILL)
+        wait_for(lambda: not driver.is_alive(), 30, "the kernel to be reported dead")
+        assert (
+            f"Remote kernel {kernel.kernel_id} is gone from {kernel.settings.target.describe()}: "
+            f"the remote agent that ran it is gone and the kernel with it (the host rebooted, "
+            f"or the agent and the kernel were killed)"
+        ) in caplog.text
+        assert "orphan_timeout" not in caplog.text
+    finally:
+        driver.close()
 
 
 def test_link_to_bastion_cut_and_restored(jump_spec, topology, no_leftovers, caplog):

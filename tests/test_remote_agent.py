@@ -35,6 +35,9 @@ from jupyter_remote_provisioner.remote.common import PROTOCOL
 from kernels import wait_for
 from sshd import pid_alive
 
+# What the daemon's `list` says this host is (hosts reached under two names are one).
+HOST_ID = f"{Path('/etc/machine-id').read_text().strip()}/{socket.gethostname()}"
+
 
 def test_bootstrap_matches_the_local_side():
     from jupyter_remote_provisioner.agent import remote_command
@@ -80,7 +83,8 @@ def test_misc_requests(agent):
     assert not nosuch["ok"] and nosuch["error"] == "no kernel nope on this host"
     bad_launch = agent.request("launch", kernel="x", argv="not a list")
     assert not bad_launch["ok"] and "argv" in bad_launch["error"]
-    assert agent.request("list") == {"re": agent.next_id, "ok": True, "kernels": []}
+    listing = agent.request("list")
+    assert listing == {"re": agent.next_id, "ok": True, "kernels": [], "host_id": HOST_ID}
 
 
 @pytest.mark.parametrize("problem", ["mode", "symlink"])
@@ -216,6 +220,34 @@ def test_missing_cwd(agent):
         "ok": False,
         "error": "remote working directory /nonexistent/dir does not exist",
     }
+    assert kernel_dirs(agent, kid) == []
+
+
+def test_cwd_that_is_a_file(agent, rtmp):
+    a_file = rtmp / "notes.txt"
+    a_file.write_text("")
+    reply, kid, _ = agent.launch(cwd=str(a_file))
+    assert (
+        not reply["ok"]
+        and reply["error"] == f"remote working directory {a_file} is not a directory"
+    )
+    assert kernel_dirs(agent, kid) == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1, "60", None])
+def test_launch_timeout_must_be_positive(agent, timeout):
+    """0 is refused as the provisioner refuses it; it used to become 60 s silently."""
+    conn = {"key": "k", "signature_scheme": "hmac-sha256", "kernel_name": "python3"}
+    rid = agent.send("launch", kernel="t0", argv=[sys.executable], connection=conn, env={},
+                     timeout=timeout)  # fmt: skip
+    reply = agent.wait_reply(rid)
+    assert reply["error"] == "launch_timeout must be a number of seconds > 0"
+    assert agent.request("list")["kernels"] == []
+
+
+def test_env_name_with_equals_sign(agent):
+    reply, kid, _ = agent.launch(env={"A=B": "1"})
+    assert not reply["ok"] and reply["error"].startswith("invalid environment variable 'A=B'")
     assert kernel_dirs(agent, kid) == []
 
 

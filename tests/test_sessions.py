@@ -8,6 +8,7 @@ is killed with SIGKILL, so it shuts nothing down.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,16 @@ from pathlib import Path
 import pytest
 from jupyter_client import BlockingKernelClient
 
-from kernels import remote_kernel_dirs, remote_processes, rk, run_cell, wait_for
+from kernel_fixtures import PYTHON
+from kernels import (
+    one_line_error,
+    remote_kernel_dirs,
+    remote_processes,
+    rk,
+    run_cell,
+    wait_for,
+    write_spec,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -122,3 +132,61 @@ def test_ps_of_an_unreachable_host_is_one_line(kernels_dir: Path, remote_spec, n
     proc = rk("ps", name, check=False)
     assert proc.returncode == 1 and "refused the SSH connection" in proc.stderr
     assert proc.stderr.count("\n") == 1
+    assert proc.stdout == "", "an unreachable host is not an empty host"
+
+
+@pytest.mark.parametrize("command", ["stop", "attach"])
+def test_stop_or_attach_on_an_unreachable_host(remote_spec, command, no_leftovers):
+    name = remote_spec(host="root@127.0.0.1:1", ssh_config=None, connect_timeout=3)
+    message = one_line_error(rk(command, "0000dead", "--name", name, check=False))
+    assert message == (
+        "cannot look for kernel 0000dead: could not reach 127.0.0.1:1: host 127.0.0.1:1 "
+        "refused the SSH connection; check that sshd runs there and listens on port 1; run "
+        "the command again once the host is reachable"
+    )
+
+
+@pytest.fixture
+def three_ways(ssh_env, tmp_path, monkeypatch) -> list[str]:
+    """Three kernelspecs, alone in a Jupyter dir of their own, that reach the test host in
+    different ways: its ssh-config alias, its address, its address with another key file."""
+    data = tmp_path / "jupyter"
+    monkeypatch.setenv("JUPYTER_PATH", str(data))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(data))
+    key_copy = tmp_path / "id_copy"
+    shutil.copy(ssh_env.identity_file, key_copy)
+    key_copy.chmod(0o600)
+    address = {"host": f"{ssh_env.user}@{ssh_env.host}:{ssh_env.port}", "ssh_config": None,
+               "known_hosts": str(ssh_env.known_hosts), "python": PYTHON}  # fmt: skip
+    configs = {
+        "by_alias": {"host": ssh_env.alias, "ssh_config": str(ssh_env.ssh_config),
+                     "python": PYTHON, "orphan_timeout": None},
+        "by_address": {**address, "identity_file": str(ssh_env.identity_file)},
+        "by_other_key": {**address, "identity_file": str(key_copy)},
+    }  # fmt: skip
+    return [write_spec(data / "kernels", name, config) for name, config in configs.items()]
+
+
+def test_one_kernel_reached_three_ways_is_one_kernel(three_ways, tmp_path, no_leftovers):
+    """ps lists it once (with every kernelspec that reaches it); stop and attach take its
+    full id; an empty id stops and attaches nothing."""
+    kernel_id = crashed_server(three_ways[0])
+    try:
+        [_, row] = rk("ps").stdout.splitlines()
+        assert row.startswith(f"{kernel_id[:8]}  by_alias  ")
+        [listed] = json.loads(rk("ps", "--json").stdout)
+        assert listed["kernel"] == kernel_id and listed["kernelspecs"] == sorted(three_ways)
+        for command in ("stop", "attach"):
+            assert one_line_error(rk(command, "", check=False)).startswith("no kernel id given; ")
+        impossible = tmp_path / "a-file"
+        impossible.write_text("")
+        assert one_line_error(rk("attach", kernel_id, "-f", f"{impossible}/c.json", check=False)) \
+            == f"cannot write the connection file {impossible}/c.json: {impossible} is not a " \
+            f"directory; give another path with -f"  # fmt: skip
+        assert [k["kernel"] for k in json.loads(rk("ps", "--json").stdout)] == [kernel_id]
+    finally:
+        stopped = rk("stop", kernel_id, check=False)
+        if stopped.returncode:  # never leave it running: stop it through one kernelspec
+            rk("stop", kernel_id, "--name", three_ways[0], check=False)
+    assert stopped.stdout.startswith(f"Stopped kernel {kernel_id} on "), stopped.stderr
+    assert rk("ps").stdout == "No remote kernels running.\n"

@@ -70,6 +70,10 @@ def check_launch(req):
         raise AgentError("launch needs argv as a non-empty list of strings")
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in [*env, *env.values()]):
         raise AgentError("launch needs env as a mapping of strings to strings")
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name + value:
+            raise AgentError(f"invalid environment variable {name!r}: a name must be non-empty "
+                             f"and have no '=', and neither name nor value a NUL byte")  # fmt: skip
     if transport not in ("ipc", "tcp"):
         raise AgentError(f"unknown transport {transport!r}")
     if not isinstance(conn, dict) or not isinstance(conn.get("key"), str):
@@ -82,7 +86,12 @@ def check_launch(req):
         isinstance(orphan, bool) or not isinstance(orphan, (int, float)) or orphan < 0
     ):
         raise AgentError("orphan_timeout must be a number of seconds >= 0, or null")
+    timeout = req.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise AgentError("launch_timeout must be a number of seconds > 0")
     cwd = from_home(req.get("cwd") or "~")
+    if os.path.exists(cwd) and not os.path.isdir(cwd):
+        raise AgentError(f"remote working directory {cwd} is not a directory")
     if req.get("create_cwd") and not os.path.isdir(cwd):
         try:
             os.makedirs(cwd)
@@ -90,7 +99,7 @@ def check_launch(req):
             raise AgentError(f"cannot create remote working directory {cwd}: {e.strerror}")
     if not os.path.isdir(cwd):
         raise AgentError(f"remote working directory {cwd} does not exist")
-    return kid, argv, env, conn, transport, cwd, float(req.get("timeout") or 60.0), orphan
+    return kid, argv, env, conn, transport, cwd, float(timeout), orphan
 
 
 def files_error(e):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -78,8 +79,23 @@ def op_stop(client, req):
     return {"status": k.status}
 
 
+def host_id():
+    """What tells this machine from others: its machine id (shared by clones of one image,
+    hence with the host name), else the host name. A client that reaches the host under
+    several names (an alias, an address) sees by it that the kernels listed are the same."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                ident = f.read().strip()
+        except OSError:
+            continue
+        if ident:
+            return ident + "/" + socket.gethostname()
+    return socket.gethostname()
+
+
 def op_list(client, req):
-    """Every kernel of the daemon, whoever holds it."""
+    """Every kernel of the daemon, whoever holds it, and which host this is."""
     adopt_orphans()
     now, info = time.monotonic(), []
     with LOCK:
@@ -92,7 +108,7 @@ def op_list(client, req):
                      "attached": len(k.clients), "orphan_timeout": k.orphan_timeout,
                      "orphaned_for": orphaned, "busy": k.busy}
                 )  # fmt: skip
-    return {"kernels": info}
+    return {"kernels": info, "host_id": host_id()}
 
 
 def op_keepalive(client, req):
