@@ -230,6 +230,11 @@ def remote_processes(remote_tmp: Path) -> list[str]:
     return found
 
 
+def remote_kernels(remote_tmp: Path) -> list[int]:
+    """Pids of the kernels running on the test hosts."""
+    return [int(p.split()[0]) for p in remote_processes(remote_tmp) if "ipykernel" in p]
+
+
 def remote_kernel_dirs(remote_tmp: Path) -> list[str]:
     base = remote_base(remote_tmp)
     return sorted(os.listdir(base)) if base.exists() else []

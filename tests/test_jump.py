@@ -54,6 +54,15 @@ def test_no_ssh_config_every_hop_explicit(jump_spec, topology, no_leftovers):
     assert ssh_connection_of("blocking", name).split()[2] == TARGET_ADDR
 
 
+def test_two_jump_hosts(jump_spec, topology, no_leftovers):
+    """A chain of two jump hosts (the bastion, then the bastion again from itself) carries a
+    working kernel; the target sees the last jump host as its client."""
+    name = jump_spec(jump=["bastion", "bastion"])  # explicit: replaces gpu's ProxyJump
+    client_ip, _, server_ip, _ = ssh_connection_of("async", name).split()
+    assert (client_ip, server_ip) == ("198.18.2.1", TARGET_ADDR)
+    assert f"from {BASTION_ADDR} port" in topology.bastion.log_text(), "the second hop ran"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_poll_needs_no_network(jump_spec, topology, no_leftovers, kind):
     """With the bastion's link down, poll() still answers at once: the kernel is alive."""

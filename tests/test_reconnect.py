@@ -14,7 +14,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +21,14 @@ import pytest
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
 from drivers import Driver
-from kernels import remote_processes, run_cell, wait_for, wait_for_async
+from kernels import remote_kernels, remote_processes, run_cell, wait_for, wait_for_async
 
 pytestmark = pytest.mark.timeout(180)
 
 FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
 SLOW_CELL = "import time; time.sleep(4); y = x + 1"
 DAEMON_MARK = 'AGENT_MODE":"daemon'  # in the remote agent daemon's command line
+RELAY_MARK = 'AGENT_MODE":"relay'  # in the command line of a relay (one per agent channel)
 
 
 async def until_running(kc: Any, msg_id: str) -> None:
@@ -162,11 +162,19 @@ def test_kernel_gone_with_its_agent(remote_spec, no_leftovers, caplog):
         driver.close()
 
 
-def test_link_to_bastion_cut_and_restored(jump_spec, topology, no_leftovers, caplog):
-    """Packets to the bastion vanish for longer than the keepalive window, then flow again."""
+def test_link_to_bastion_cut_and_restored(jump_spec, topology, remote_tmp, no_leftovers, caplog):
+    """Packets to the bastion vanish for longer than the keepalive window on both sides: the
+    remote daemon has dropped the silent client (its relay is gone, the kernel an orphan)
+    before they flow again."""
     topo = topology.topology
+
+    def restore_once_the_host_dropped_us() -> None:
+        relays = lambda: [p for p in remote_processes(remote_tmp) if RELAY_MARK in p]
+        wait_for(lambda: not relays(), 30, "the remote daemon to drop the silent client")
+        topo.restore_link()
+
     try:
-        survives(jump_spec(**FAST), caplog, topo.cut_link, topo.restore_link)
+        survives(jump_spec(**FAST), caplog, topo.cut_link, restore_once_the_host_dropped_us)
     finally:
         topo.restore_link()
 
@@ -202,11 +210,6 @@ def test_gives_up_after_reconnect_timeout(jump_spec, topology, no_leftovers, cap
     finally:
         topo.restore_link()
         driver.close()
-
-
-def remote_kernels(remote_tmp: Path) -> list[int]:
-    """Pids of the kernels running on the test hosts."""
-    return [int(p.split()[0]) for p in remote_processes(remote_tmp) if "ipykernel" in p]
 
 
 def test_interrupt_and_shutdown_during_an_outage(jump_spec, topology, remote_tmp, caplog):

@@ -21,12 +21,14 @@ from kernel_fixtures import PYTHON
 from kernels import (
     one_line_error,
     remote_kernel_dirs,
+    remote_kernels,
     remote_processes,
     rk,
     run_cell,
     wait_for,
     write_spec,
 )
+from sshd import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -70,6 +72,8 @@ def listed(name: str, kernel_id: str) -> dict | None:
 def test_orphan_is_reaped_after_orphan_timeout(remote_spec, remote_tmp, no_leftovers):
     name = remote_spec(orphan_timeout=3)
     kernel_id = crashed_server(name)
+    # the host counts orphan_timeout from when it saw the client go, never before the crash
+    assert not wait_until(lambda: not remote_kernels(remote_tmp), 2.0), "reaped too early"
     wait_for(lambda: remote_processes(remote_tmp) == [], 30, "the orphan to be reaped")
     assert remote_kernel_dirs(remote_tmp) == []
     assert rk("ps", name).stdout.strip() == "No remote kernels running."
