@@ -17,7 +17,7 @@ from typing import Any
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import declares_curve, traffic
 from .errors import RemoteKernelError
-from .kernel import KernelSettings
+from .kernel_settings import KernelSettings
 from .kernelspec import find_spec
 from .provisioner import settings_from_config
 from .sessions import agent_session

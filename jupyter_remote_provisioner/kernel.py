@@ -4,7 +4,7 @@ Every coroutine here runs on the package loop (see ``loop.py``). The exit status
 by the remote agent, so :attr:`RemoteKernel.exit_status` answers ``poll()`` with no network
 round trip. A failed start leaves nothing behind: no listener, no connection, no remote
 process or file. When the connection drops, the remote kernel keeps running (the agent's
-daemon owns it) and :meth:`RemoteKernel._recover` reconnects through the same chain,
+daemon owns it) and ``recovery.py`` reconnects through the same chain,
 re-attaches and points the same local listeners at it; only after ``reconnect_timeout``
 is the kernel reported lost.
 """
@@ -19,56 +19,29 @@ import os
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from .agent import AgentError, AgentLost, RemoteAgent, shared_agent
 from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
+from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
 from .pool import POOL
+from .recovery import Reconnecting
 from .signals import SIGKILL, SIGTERM
 from .ssh import Connection
 from .sync_channel import SyncChannel, SyncError
-from .target import Target
 from .transfer import push
 from .tunnel import KernelTunnel
 from .workdir import Placement, placement, upload_targets
 
 log = logging.getLogger(__name__)
 
-IPYKERNEL_ARGV = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
 LOG_TAIL_LINES = 6
-LOST = -1  # exit status reported when the kernel could not be reached again
-RECONNECT_PAUSES = (0.5, 5.0)  # seconds between reconnect attempts: first, then doubling to max
 CLEAN_EXITS = (0, -SIGTERM, -SIGKILL)  # the remote host's numbers (POSIX)
 
 
-@dataclass(frozen=True)
-class KernelSettings:
-    """Everything needed to run one kernel remotely (from the kernelspec's config)."""
-
-    target: Target
-    python: str = "python3"
-    kernel_argv: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    path_map: Mapping[str, str] = field(default_factory=dict)
-    upload: tuple[str, ...] = ()
-    transport: str = "ipc"
-    connect_timeout: float = 15.0
-    launch_timeout: float = 60.0
-    keepalive_interval: float = 15.0
-    reconnect_timeout: float = 600.0
-    orphan_timeout: float | None = 600.0
-    connection_persist: float = 300.0
-
-    def argv(self) -> list[str]:
-        """The remote command: ``kernel_argv`` when given, else ipykernel on ``python``."""
-        return list(self.kernel_argv) if self.kernel_argv else [self.python, *IPYKERNEL_ARGV]
-
-
-class RemoteKernel:
+class RemoteKernel(Reconnecting):
     """A kernel process on the target host, reached through a :class:`KernelTunnel`."""
 
     def __init__(
@@ -238,13 +211,13 @@ class RemoteKernel:
     ) -> dict[str, Any]:
         """Ask the agent to start the kernel; sent before the agent's hello arrived (on a new
         connection), so that its start and the kernel's overlap the round trip."""
-        assert self._agent is not None
-        settings = self.settings
+        agent, settings = self._agent, self.settings
+        assert agent is not None
         key = session["key"]
         self.curve = await self._curve_keys(session)
-        self._agent.on_exit(self.kernel_id, self._on_exit)
+        agent.on_exit(self.kernel_id, self._on_exit)
         launch = asyncio.ensure_future(
-            self._agent.request(
+            agent.request(
                 "launch",
                 reply_timeout=settings.launch_timeout + settings.connect_timeout + 5,
                 kernel=self.kernel_id,
@@ -284,7 +257,7 @@ class RemoteKernel:
             ) from None
         finally:
             if not launch.done() or launch.cancelled() or launch.exception() is not None:
-                self._agent.on_exit(self.kernel_id, None)  # no kernel to watch
+                agent.on_exit(self.kernel_id, None)  # no kernel to watch (also after close())
 
     async def _stop_abandoned(self) -> None:
         """Stop the kernel given up during an outage under this id, if it still runs."""
@@ -333,120 +306,6 @@ class RemoteKernel:
         self.exit_status = status
         self._exited.set()
 
-    async def _recover(self) -> None:
-        """Reconnect, re-attach and re-point the listeners; give up after reconnect_timeout."""
-        settings = self.settings
-        where = settings.target.describe()
-        agent = self._agent
-        if agent is None or agent.link_lost:
-            self.log.warning("Lost the SSH connection to %s; reconnecting (kernel %s keeps "
-                             "running there)", where, self.kernel_id)  # fmt: skip
-        else:
-            self.log.warning(
-                "The remote agent on %s closed its channel (exit status %s%s); the SSH "
-                "connection is up. Restarting the agent and re-attaching to kernel %s", where,
-                agent.exit_status, f": {agent.fatal}" if agent.fatal else "", self.kernel_id,
-            )  # fmt: skip
-        started = time.monotonic()
-        deadline = started + settings.reconnect_timeout
-        pause, problem = RECONNECT_PAUSES[0], "no attempt finished"
-        try:
-            while self._running:
-                try:
-                    await asyncio.wait_for(self._reattach(), max(0.1, deadline - time.monotonic()))
-                    self.log.info("Reconnected to %s in %.1f s; kernel %s resumed", where,
-                                  time.monotonic() - started, self.kernel_id)  # fmt: skip
-                    return
-                except AgentError as exc:
-                    self._gone_while_away(exc.reply)
-                    return
-                except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
-                    problem = str(exc) or type(exc).__name__
-                    self.log.debug("reconnect to %s failed: %s", where, problem)
-                if time.monotonic() + pause >= deadline:
-                    break
-                await asyncio.sleep(pause)
-                pause = min(2 * pause, RECONNECT_PAUSES[1])
-            if self._running:
-                self.log.warning(
-                    "Gave up reconnecting to %s after %g s (reconnect_timeout); kernel %s is "
-                    "reported dead. Last error: %s", where, settings.reconnect_timeout,
-                    self.kernel_id, problem,
-                )  # fmt: skip
-                self._set_exited(LOST)
-        finally:
-            self._recovery = None
-
-    async def attach(self, ports: Mapping[str, int] | None = None) -> dict[str, Any]:
-        """Take hold of a kernel this package already runs on the target (kept, or held by
-        another client): forward to it and return connection info with its session key."""
-        try:
-            await self.tunnel.open(ports)
-            reply = await self._reattach()
-        except AgentError as exc:
-            await self.close(keep_kernel=True, persist=False)
-            if "exited" in exc.reply:
-                raise RemoteKernelError(
-                    f"kernel {self.kernel_id} on {self.settings.target.host.label} exited "
-                    f"recently (status {exc.reply['exited']})"
-                ) from None
-            raise RemoteKernelError(
-                f"no kernel {self.kernel_id} on {self.settings.target.host.label}; "
-                f"`remote_kernel ps` lists the running ones"
-            ) from None
-        except BaseException:
-            await self.close(keep_kernel=True, persist=False)
-            raise
-        self.pid, self.exit_status, self._running = reply.get("pid"), None, True
-        connection = reply.get("connection") or {}
-        self.curve = keys_of(connection)
-        return self._connection_info(connection, self.curve)
-
-    async def _reattach(self) -> dict[str, Any]:
-        """One attempt: a live connection and agent, ownership of the kernel, the forwards."""
-        replaces = None
-        if self._conn is not None and self._conn.lost.is_set():
-            self.tunnel.retarget(None, {})  # refuse clients until we are back
-            self.tunnel.drop_connections()  # streams of the dead link: clients reconnect
-            replaces = self._agent_client  # its remote end may linger: the daemon ends it
-        await self._connect()
-        assert self._agent is not None and self._conn is not None and self._conn.ssh is not None
-        self._agent.on_exit(self.kernel_id, self._on_exit)  # before the reply: no lost event
-        try:
-            reply = await self._agent.request(
-                "attach",
-                reply_timeout=self.settings.connect_timeout,
-                kernel=self.kernel_id,
-                replaces=replaces,
-            )
-        except BaseException:
-            self._agent.on_exit(self.kernel_id, None)
-            raise
-        self._note_agent()
-        self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
-        return reply
-
-    def _note_agent(self) -> None:
-        """Remember the daemon's ids for our channel and for itself (see _gone_while_away)."""
-        hello = self._agent.hello if self._agent else {}
-        self._agent_client, self._daemon_pid = hello.get("client"), hello.get("daemon_pid")
-
-    def _gone_while_away(self, reply: Mapping[str, Any]) -> None:
-        """The kernel was not there to re-attach to: it exited, or was reaped as an orphan."""
-        if "exited" in reply:
-            self._on_exit(int(reply["exited"]), str(reply.get("log_tail") or ""))
-            return
-        daemon = self._agent.hello.get("daemon_pid") if self._agent else None
-        if daemon != self._daemon_pid:
-            why = ("the remote agent that ran it is gone and the kernel with it (the host "
-                   "rebooted, or the agent and the kernel were killed)")  # fmt: skip
-        else:
-            why = ("it ended while this client was away, longer ago than the remote agent "
-                   "remembers exits")  # fmt: skip
-        self.log.warning("Remote kernel %s is gone from %s: %s", self.kernel_id,
-                         self.settings.target.describe(), why)  # fmt: skip
-        self._set_exited(LOST)
-
     async def signal(self, signum: int) -> None:
         """Deliver ``signum`` to the kernel's process group on the remote host.
 
@@ -493,20 +352,6 @@ class RemoteKernel:
         except (RemoteKernelError, asyncio.TimeoutError):
             self.log.warning("Remote kernel %s did not confirm its exit", self.kernel_id)
             self._running = False
-
-    async def abandon(self) -> None:
-        """Give up an unreachable kernel (the link is down): stop reconnecting and report it
-        ended; it is stopped once its host answers again (or by its orphan_timeout there)."""
-        if self._recovery is None or not self._running:
-            return
-        self.log.warning(
-            "Remote kernel %s is unreachable; it is stopped once %s answers again, or by "
-            "the host after orphan_timeout (%s s)", self.kernel_id,
-            self.settings.target.host.label, self.settings.orphan_timeout,
-        )  # fmt: skip
-        self._recovery.cancel()
-        self._late_stop = stop_when_reachable(self.settings, self.kernel_id, self.log)
-        self._set_exited(LOST)
 
     async def close(self, keep_kernel: bool = False, persist: bool = True) -> None:
         """Stop the kernel if needed (unless ``keep_kernel``: detach, it runs on), close the

@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from . import loop
 from .agent import AgentError, AgentLost, shared_agent
 from .errors import RemoteKernelError
+from .kernel_settings import KernelSettings
 from .pool import POOL
-
-if TYPE_CHECKING:
-    from .kernel import KernelSettings
 
 PAUSES = (0.5, 5.0)  # seconds between attempts: first, then doubling up to the second
 _PENDING: set[asyncio.Task[None]] = set()  # strong references while they run

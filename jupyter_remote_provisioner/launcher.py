@@ -24,9 +24,10 @@ from typing import Any
 from . import loop
 from .encryption import keys_of
 from .errors import ConfigError
-from .kernel import LOST, RemoteKernel
+from .kernel import RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
 from .provisioner import check_env, remote_env, settings_from_config
+from .recovery import LOST
 from .signals import SIGINT, SIGTERM, foreground_signals
 from .tunnel import CHANNELS
 

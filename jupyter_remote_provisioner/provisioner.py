@@ -21,7 +21,8 @@ from traitlets import Dict, Enum, Float, List, TraitError, Unicode, Union
 from . import loop
 from .encryption import CURVE_KEYS, declares_curve, keys_of, new_keys, wanted
 from .errors import ConfigError, RemoteKernelError
-from .kernel import KernelSettings, RemoteKernel
+from .kernel import RemoteKernel
+from .kernel_settings import KernelSettings
 from .signals import SIGKILL, SIGTERM
 from .target import DEFAULT_SSH_CONFIG, resolve
 

@@ -23,7 +23,8 @@ from typing import Any
 from . import loop
 from .agent import AgentError, AgentLost, RemoteAgent
 from .errors import ConfigError, RemoteKernelError
-from .kernel import KernelSettings, RemoteKernel
+from .kernel import RemoteKernel
+from .kernel_settings import KernelSettings
 from .kernelspec import find_spec, list_remote_specs
 from .launcher import exit_code, kernel_end_or, log_to_stderr
 from .provisioner import settings_from_config

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .kernel import KernelSettings
+from .kernel_settings import KernelSettings
 from .kernelspec import find_spec
 from .provisioner import settings_from_config
 from .remote.files import DEFAULT_EXCLUDES
