@@ -387,13 +387,17 @@ def test_lab_notebook_reads_its_uploaded_data(
 
 
 def test_lab_shows_start_failure(lab: LabServer, page, remote_spec, remote_tmp: Path):
-    spec = remote_spec(host=f"127.0.0.1:{free_port()}")
+    port = free_port()
+    spec = remote_spec(host=f"127.0.0.1:{port}")
     shot = Shots(page, 11)
     notebook = write_notebook(lab.root / f"{spec}.ipynb", ['print("never runs")'])
     open_and_pick(page, lab, notebook, spec, shot)
     dialog = page.locator(".jp-Dialog", has_text="Error Starting Kernel")
     expect(dialog).to_be_visible(timeout=START)
-    expect(dialog).to_contain_text("refused the SSH connection")
+    expect(dialog.locator(".jp-Dialog-body")).to_have_text(
+        f"host 127.0.0.1:{port} refused the SSH connection; check that sshd runs there and "
+        f"listens on port {port}"
+    )  # the whole body: one line that says what to do, no traceback
     shot("start-error")
     dialog.get_by_role("button", name="Ok").click()
     expect(dialog).to_have_count(0)
