@@ -20,7 +20,7 @@ from jupyter_remote_provisioner.demohost import DemoHost
 from jupyter_remote_provisioner.errors import RemoteKernelError
 from jupyter_remote_provisioner.pool import close_kept_connections
 
-from kernels import interrupt_sleeping_cell, run_cell, wait_for, write_spec
+from kernels import Leftovers, interrupt_sleeping_cell, run_cell, wait_for, write_spec
 from sshd import pid_alive, port_is_free
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,6 +92,7 @@ def test_exec_passes_binary_stdin_stdout_stderr_and_status(host: DemoHost) -> No
 
 
 def test_provisioner_runs_interrupts_and_stops_a_kernel(host: DemoHost, kernels_dir: Path) -> None:
+    leftovers = Leftovers.snapshot(Path(host.session_env["TMPDIR"]))
     config = {"host": host.alias, "ssh_config": str(host.ssh_config), "python": sys.executable}
     km = KernelManager(kernel_name=write_spec(kernels_dir, f"demo_{host.backend}", config))
     km.start_kernel()
@@ -114,6 +115,7 @@ def test_provisioner_runs_interrupts_and_stops_a_kernel(host: DemoHost, kernels_
     # connection_persist, closed at the end of the process as here.
     close_kept_connections(timeout=10)
     wait_for(lambda: not demohost.session_pids(host.marker), 15, "the remote processes to end")
+    leftovers.assert_clean(threads=host.backend != "asyncssh")
 
 
 @pytest.mark.parametrize("processes", ["/proc", "ps"])
