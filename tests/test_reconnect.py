@@ -12,8 +12,11 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,6 +32,12 @@ FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
 SLOW_CELL = "import time; time.sleep(4); y = x + 1"
 DAEMON_MARK = 'AGENT_MODE":"daemon'  # in the remote agent daemon's command line
 RELAY_MARK = 'AGENT_MODE":"relay'  # in the command line of a relay (one per agent channel)
+
+
+def relays(remote_tmp: Path) -> list[str]:
+    """The remote relays (one per agent channel) still running: the daemon ends a client's
+    relay when it drops the client."""
+    return [p for p in remote_processes(remote_tmp) if RELAY_MARK in p]
 
 
 async def until_running(kc: Any, msg_id: str) -> None:
@@ -169,8 +178,7 @@ def test_link_to_bastion_cut_and_restored(jump_spec, topology, remote_tmp, no_le
     topo = topology.topology
 
     def restore_once_the_host_dropped_us() -> None:
-        relays = lambda: [p for p in remote_processes(remote_tmp) if RELAY_MARK in p]
-        wait_for(lambda: not relays(), 30, "the remote daemon to drop the silent client")
+        wait_for(lambda: not relays(remote_tmp), 30, "the remote daemon to drop the silent client")
         topo.restore_link()
 
     try:
@@ -266,3 +274,48 @@ def test_restart_during_an_outage(jump_spec, topology, remote_tmp, caplog):
     finally:
         topo.restore_link()
         driver.close()
+
+
+FROZEN_CLIENT = """
+import sys
+from jupyter_client import AsyncKernelManager
+import asyncio
+
+async def main():
+    km = AsyncKernelManager(kernel_name=sys.argv[1])
+    await km.start_kernel()
+    print("started", flush=True)
+    sys.stdin.readline()  # resumed: close the notebook at once
+    try:
+        await km.shutdown_kernel()
+    except Exception as exc:
+        print("shutdown failed:", type(exc).__name__, exc, flush=True)
+        raise SystemExit(1)
+    print("shut down", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def test_shutdown_right_after_a_frozen_client_resumes(remote_spec, remote_tmp, no_leftovers):
+    """A laptop sleeps (its Jupyter process frozen) longer than the host waits for a silent
+    client; on waking, the notebook is closed at once: the shutdown completes without an
+    error, and the remote kernel is stopped."""
+    client = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_CLIENT, remote_spec(**FAST, orphan_timeout=600)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "started"  # type: ignore[union-attr]
+        client.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: not relays(remote_tmp), 30, "the host to drop the frozen client")
+        finally:
+            client.send_signal(signal.SIGCONT)
+        out, _ = client.communicate("close\n", timeout=60)
+        assert out.strip() == "shut down" and client.returncode == 0, out
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait(10)
+    wait_for(lambda: not remote_kernels(remote_tmp), 30, "the remote kernel to be stopped")
