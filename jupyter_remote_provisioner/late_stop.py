@@ -6,6 +6,8 @@ process ends first, the host's orphan rule still stops the kernel."""
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
 import time
 
@@ -15,6 +17,7 @@ from .errors import RemoteKernelError
 from .kernel_settings import KernelSettings
 from .pool import POOL
 
+EXIT_WAIT = 2.0  # seconds the process exit waits for stops under way
 PAUSES = (0.5, 5.0)  # seconds between attempts: first, then doubling up to the second
 _PENDING: set[asyncio.Task[None]] = set()  # strong references while they run
 
@@ -40,18 +43,20 @@ async def _stop_later(settings: KernelSettings, kernel_id: str, log: logging.Log
     where = settings.target.describe()
     deadline = time.monotonic() + settings.reconnect_timeout
     pause = PAUSES[0]
-    while time.monotonic() + pause < deadline:
-        await asyncio.sleep(pause)
-        pause = min(2 * pause, PAUSES[1])
-        try:
+    while True:
+        try:  # at once first: often only the agent's channel was lost, not the host
             await asyncio.wait_for(_stop(settings, kernel_id), settings.connect_timeout * 2)
         except AgentError:
             return  # not there any more: nothing to stop
         except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
             log.debug("stopping kernel %s on %s later: %s", kernel_id, where, exc)
-            continue
-        log.info("Stopped remote kernel %s on %s, now reachable again", kernel_id, where)
-        return
+        else:
+            log.info("Stopped remote kernel %s on %s, reachable again", kernel_id, where)
+            return
+        if time.monotonic() + pause >= deadline:
+            return
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, PAUSES[1])
 
 
 async def _stop(settings: KernelSettings, kernel_id: str) -> None:
@@ -66,3 +71,16 @@ async def _stop(settings: KernelSettings, kernel_id: str) -> None:
         await agent.request("stop", reply_timeout=settings.connect_timeout + 10, kernel=kernel_id)
     finally:
         await POOL.release(conn, settings.connection_persist)
+
+
+def finish_late_stops(timeout: float = EXIT_WAIT) -> None:
+    """At process exit, give the stops under way up to ``timeout`` seconds to finish (the
+    host may be reachable right away); the remote orphan rule covers the rest."""
+    if not _PENDING:
+        return
+    with contextlib.suppress(Exception):
+        pending = list(_PENDING)
+        asyncio.run_coroutine_threadsafe(asyncio.wait(pending), loop.get()).result(timeout)
+
+
+atexit.register(finish_late_stops)

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 EXIT_CLOSE_WAIT = 1.0  # seconds the process exit waits for kept connections to close
 
 
+class _Abandoned(Exception):
+    """The connection attempt that others were waiting for was cancelled by its caller."""
+
+
 class ConnectionPool:
     """One shared :class:`Connection` per target for the whole process (package loop only),
     kept for its ``persist`` seconds after its last user let go."""
@@ -51,14 +55,17 @@ class ConnectionPool:
                 await connection.open(connect_timeout, keepalive_interval)
             except BaseException as exc:
                 del self._entries[target]
-                if isinstance(exc, asyncio.CancelledError):
-                    entry.cancel()
-                else:
-                    entry.set_exception(exc)
-                    entry.exception()  # mark retrieved: concurrent waiters still get it
+                # its caller gave up: the others waiting for it try again themselves
+                entry.set_exception(
+                    _Abandoned() if isinstance(exc, asyncio.CancelledError) else exc
+                )
+                entry.exception()  # mark retrieved: concurrent waiters still get it
                 raise
             entry.set_result(connection)
-        connection = await asyncio.shield(entry)
+        try:
+            connection = await asyncio.shield(entry)
+        except _Abandoned:
+            return await self.acquire(target, connect_timeout, keepalive_interval)
         connection.users += 1
         if self._unkeep(connection):  # a kept connection is in use again
             loop.release()
