@@ -317,12 +317,9 @@ class RemoteAgent:
             self.hello = message  # before any reply: requests may have been sent already
             self._hello.set_result(message)
         elif event == "exited":
-            kernel = str(message.get("kernel"))
-            callback = self._exit_callbacks.pop(kernel, None)
+            callback = self._exit_callbacks.pop(str(message.get("kernel")), None)
             if callback is not None:
                 callback(int(message.get("status", -1)), message.get("log_tail") or "")
-            with contextlib.suppress(AgentLost):  # heard: the daemon need not keep it for us
-                self.send("seen", kernel=kernel).add_done_callback(_ignore_answer)
         elif event == "fatal":
             self.fatal = str(message.get("error", ""))
         elif event == "log":
@@ -386,9 +383,3 @@ def _unusable(pending: asyncio.Future[RemoteAgent]) -> bool:
     if pending.cancelled() or pending.exception() is not None:
         return True
     return pending.result().closed.is_set()
-
-
-def _ignore_answer(answer: asyncio.Future[dict[str, Any]]) -> None:
-    """A request nobody waits for: retrieve its outcome so that none is reported unseen."""
-    if not answer.cancelled():
-        answer.exception()

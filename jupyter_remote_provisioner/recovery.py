@@ -165,8 +165,9 @@ class Reconnecting:
             return
         daemon = self._agent.hello.get("daemon_pid") if self._agent else None
         if daemon != self._daemon_pid:
-            why = ("the remote agent that ran it is gone and the kernel with it (the host "
-                   "rebooted, or the agent and the kernel were killed)")  # fmt: skip
+            why = ("the remote agent that ran it is gone too, so how it ended is unknown (it "
+                   "ended while this client was away and the agent, left with nothing, exited; "
+                   "or the host rebooted; or both were killed)")  # fmt: skip
         else:
             why = ("it ended while this client was away, longer ago than the remote agent "
                    "remembers exits")  # fmt: skip

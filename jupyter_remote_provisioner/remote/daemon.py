@@ -34,7 +34,6 @@ from .table import (
     LOCK,
     SHUTDOWN_GRACE,
     STATE,
-    UNTOLD,
     Client,
     terminate_kernels,
 )
@@ -110,7 +109,6 @@ def reap():
             k.stopping = True
         for kid in [kid for kid, e in EXITED.items() if now - e[0] > EXITED_KEEP]:
             del EXITED[kid]
-            UNTOLD.discard(kid)
     if due:
         terminate_kernels(due, SHUTDOWN_GRACE)
     return due
@@ -157,11 +155,10 @@ def reaper():
 
 
 def idle():
-    """No kernels, no clients, no exit a returning client should hear of (for EXITED_KEEP),
-    and, for a new daemon, its first client came or is late."""
+    """No kernels and no clients (and, for a new daemon, its first client came or is late)."""
     with LOCK:
         waited = STATE["served"] or time.monotonic() - STATE["born"] > FIRST_CLIENT_GRACE
-        return not KERNELS and not CLIENTS and not UNTOLD and waited and not STATE["closing"]
+        return not KERNELS and not CLIENTS and waited and not STATE["closing"]
 
 
 def remove_files():

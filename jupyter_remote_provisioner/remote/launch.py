@@ -23,17 +23,7 @@ from .common import (
     remedy,
 )
 from .records import write_record
-from .table import (
-    CLIENTS,
-    EXITED,
-    KERNELS,
-    LOCK,
-    STATE,
-    UNTOLD,
-    USED_PORTS,
-    Kernel,
-    release,
-)
+from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
 CURVE_KEYS = ("curve_publickey", "curve_secretkey")  # Z85 text, 40 characters each
 
@@ -250,8 +240,6 @@ def watch(k):
     k.announced.wait(10.0)
     with LOCK:
         clients = list(k.clients)
-        if not k.stopping:  # it died on its own: kept until a client says it heard (op seen)
-            UNTOLD.add(k.kid)
     for client in clients:
         client.emit({"event": "exited", "kernel": k.kid, "status": status, "log_tail": tail})
     k.done.set()  # the daemon's reaper notices when it was the last one

@@ -9,7 +9,7 @@ import time
 from .adopt import adopt_orphans
 from .common import AgentError, one_line
 from .launch import CURVE_KEYS, op_launch
-from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, UNTOLD, terminate_kernels
+from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, terminate_kernels
 
 
 def find_kernel(kid, ready=True):
@@ -20,7 +20,6 @@ def find_kernel(kid, ready=True):
             if k is not None and (k.ready or not ready):
                 return k
             gone = EXITED.get(kid) if isinstance(kid, str) else None
-            UNTOLD.discard(kid)  # told now (or never to be asked again)
         if gone or attempt == 2:
             break
         adopt_orphans()  # maybe a kernel of a daemon that died
@@ -129,19 +128,12 @@ def op_launch_new(client, req):
     return op_launch(client, req)
 
 
-def op_seen(client, req):
-    """The client heard of a kernel's exit: the daemon need not stay to tell it again."""
-    with LOCK:
-        UNTOLD.discard(req.get("kernel"))
-    return {}
-
-
 def op_ping(client, req):
     return {"time": time.time()}
 
 
 OPS = {"launch": op_launch_new, "signal": op_signal, "list": op_list, "ping": op_ping}
-OPS.update(attach=op_attach, stop=op_stop, keepalive=op_keepalive, seen=op_seen)
+OPS.update(attach=op_attach, stop=op_stop, keepalive=op_keepalive)
 
 
 def handle(client, req):

@@ -15,12 +15,11 @@ from .common import exited, killpg, parent_pid, process_name, process_start
 SHUTDOWN_GRACE = 3.0  # seconds an orphaned (or shut down) kernel gets to exit on SIGTERM
 STOP_GRACE = 5.0  # seconds a kernel gets to exit on SIGTERM for the stop op
 EXITED_KEEP = 600.0  # seconds an exit stays in the recently-exited table
-LOCK = threading.RLock()  # guards KERNELS, USED_PORTS, CLIENTS, EXITED, UNTOLD, STATE
+LOCK = threading.RLock()  # guards KERNELS, USED_PORTS, CLIENTS, EXITED and STATE
 KERNELS = {}  # type: dict  # kernel id (as given) -> Kernel, from spawn until exit is handled
 USED_PORTS = set()  # type: set  # tcp ports handed to kernels that are still alive
 CLIENTS = set()  # type: set  # connected Client objects
 EXITED = {}  # type: dict  # kernel id -> (monotonic time, status, log tail), for attach
-UNTOLD = set()  # type: set  # kernels that died on their own, no client has heard of yet
 CLIENT_IDS = itertools.count(1)
 STATE = {"closing": False, "served": False, "born": time.monotonic(), "socket_id": None}
 STATE.update(root=None, base=None, agent_dir=None)  # the base dir's parent, it, the agent dir
