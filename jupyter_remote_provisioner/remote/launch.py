@@ -177,10 +177,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
             raise files_error(e) from None
     except BaseException:
         if k is not None:  # started, but it could not be recorded: it must not run unseen
-            killpg(k.pgid, signal.SIGKILL)
-            k.status = k.proc.wait()
-            release(k)
-            k.done.set()
+            kill_unstarted(k)
         with LOCK:
             USED_PORTS.difference_update(ports)
         shutil.rmtree(kdir, ignore_errors=True)
@@ -188,14 +185,19 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
     return k, endpoints
 
 
-def abort_start(k, message, with_status):
-    """Kill what is left of a kernel that failed to start, clean up, raise the error reply."""
+def kill_unstarted(k):
+    """Kill a kernel whose start failed (its group too), reap it, forget it."""
     killpg(k.pgid, signal.SIGKILL)
-    k.status = status = k.proc.wait()
-    extra = {"log_tail": log_tail(k.dir)}
-    shutil.rmtree(k.dir, ignore_errors=True)
+    k.status = k.proc.wait()
     release(k)
     k.done.set()
+
+
+def abort_start(k, message, with_status):
+    """Kill what is left of a kernel that failed to start, clean up, raise the error reply."""
+    kill_unstarted(k)
+    status, extra = k.status, {"log_tail": log_tail(k.dir)}
+    shutil.rmtree(k.dir, ignore_errors=True)
     if with_status:
         message, extra["status"] = message % status, status
     raise AgentError(message, **extra)
