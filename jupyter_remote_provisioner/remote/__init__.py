@@ -17,13 +17,13 @@ exits when it has neither kernels nor clients. The protocol is JSON lines: reque
 
 
 def run(bundle, mode):
-    """Entry point by ``mode``: "daemon", "sync" (the file-transfer helper, sync.py), else
-    the relay (which may start a daemon, feeding it ``bundle``: the bytes this program
-    arrived as)."""
-    if mode == "daemon":
+    """Entry point by ``mode``: "daemon", "jobdaemon" and "jobrelay" (a Slurm job's daemon
+    and a relay to it: job.py), "sync" (the file-transfer helper, sync.py), else the relay
+    (which may start a daemon, feeding it ``bundle``: the bytes this program arrived as)."""
+    if mode in ("daemon", "jobdaemon"):
         from .daemon import daemon_main
 
-        daemon_main()
+        daemon_main(job=mode == "jobdaemon")
     elif mode == "sync":
         from .sync import sync_main
 
@@ -31,4 +31,4 @@ def run(bundle, mode):
     else:
         from .relay import relay_main
 
-        relay_main(bundle)
+        relay_main(bundle, in_job=mode == "jobrelay")

@@ -62,6 +62,7 @@ def adopt(kdir, rec):
     k.pgid, k.proc_start, k.ready = int(rec["pgid"]), rec.get("start"), True
     k.started, k.endpoints = rec.get("started") or k.started, rec.get("endpoints") or {}
     k.kernel_name = str(rec.get("kernel_name") or "")
+    k.ip = rec.get("ip") or ("127.0.0.1" if ports else None)
     with LOCK:
         if k.kid in KERNELS or STATE["closing"]:
             return

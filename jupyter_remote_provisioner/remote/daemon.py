@@ -24,6 +24,8 @@ from .common import (
     process_start,
     user_name,
 )
+from .job import FIRST_CLIENT_GRACE as JOB_FIRST_CLIENT_GRACE
+from .job import job_root, remove_job_root
 from .ops import dispatch
 from .records import SELF
 from .table import (
@@ -156,8 +158,9 @@ def reaper():
 
 def idle():
     """No kernels and no clients (and, for a new daemon, its first client came or is late)."""
+    grace = JOB_FIRST_CLIENT_GRACE if STATE.get("job") else FIRST_CLIENT_GRACE
     with LOCK:
-        waited = STATE["served"] or time.monotonic() - STATE["born"] > FIRST_CLIENT_GRACE
+        waited = STATE["served"] or time.monotonic() - STATE["born"] > grace
         return not KERNELS and not CLIENTS and waited and not STATE["closing"]
 
 
@@ -186,6 +189,13 @@ def maybe_exit():
             remove_files()
     except (AgentError, OSError):
         return  # try again on the reaper's next round
+    leave()
+
+
+def leave():
+    """Exit now; a job's daemon first removes its private root (the job ends with it)."""
+    if STATE.get("job"):
+        remove_job_root()
     os._exit(0)
 
 
@@ -199,7 +209,7 @@ def on_daemon_signal(signum, frame):
     terminate_kernels(kernels, SHUTDOWN_GRACE, remove=True)
     with contextlib.suppress(AgentError, OSError), base_lock(daemon_files()[1], START_TIMEOUT):
         remove_files()
-    os._exit(0)
+    leave()
 
 
 def listen():
@@ -252,12 +262,16 @@ def restore_socket(listener):
     return replaced
 
 
-def daemon_main():
+def daemon_main(job=False):
     """Adopt the kernels of a dead predecessor, listen in the agent dir under the base dir
-    the relay chose (argv[1]), serve clients until idle."""
+    the relay chose (argv[1]), serve clients until idle. A Slurm job's daemon (``job``)
+    uses the job's own root and gives kernels its environment (see job.py)."""
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_daemon_signal)
-    STATE["root"] = sys.argv[1] if len(sys.argv) > 1 else base_root()
+    if job:
+        STATE.update(job=True, root=job_root(), kernel_env=dict(os.environ))
+    else:
+        STATE["root"] = sys.argv[1] if len(sys.argv) > 1 else base_root()
     STATE["base"] = ensure_base_dir(STATE["root"])
     STATE["agent_dir"] = ensure_base_dir(STATE["root"], "-agent")
     os.chdir(STATE["agent_dir"])

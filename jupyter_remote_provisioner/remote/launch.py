@@ -22,37 +22,41 @@ from .common import (
     log_tail,
     remedy,
 )
+from .job import address_toward
 from .records import write_record
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
 CURVE_KEYS = ("curve_publickey", "curve_secretkey")  # Z85 text, 40 characters each
 
 
-def alloc_ports(n=5):
-    """n distinct free localhost ports, none already handed to a live kernel."""
+def alloc_ports(ip, n=5):
+    """n distinct free ports on ip, none already handed to a live kernel."""
     with LOCK:
         socks, ports = [], []
         try:
             while len(socks) < 20 * n and len(ports) < n:
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socks.append(s)
-                s.bind(("127.0.0.1", 0))
+                try:
+                    s.bind((ip, 0))
+                except OSError as e:
+                    raise AgentError(f"cannot listen on {ip}: {e.strerror}") from None
                 if s.getsockname()[1] not in USED_PORTS:
                     ports.append(s.getsockname()[1])
         finally:
             for s in socks:
                 s.close()
         if len(ports) < n:
-            raise AgentError(f"could not find {n} free tcp ports on 127.0.0.1")
+            raise AgentError(f"could not find {n} free tcp ports on {ip}")
         USED_PORTS.update(ports)
         return ports
 
 
-def tcp_listening(port):
+def tcp_listening(ip, port):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.settimeout(0.5)
     try:
-        s.connect(("127.0.0.1", port))
+        s.connect((ip, port))
         return s.getsockname() != s.getpeername()  # a TCP self-connect is not a listener
     except OSError:
         return False
@@ -61,7 +65,8 @@ def tcp_listening(port):
 
 
 def check_launch(req):
-    """Validate a launch request; returns (kid, argv, env, conn, transport, cwd, timeout)."""
+    """Validate a launch request; returns (kid, argv, env, conn, transport, cwd, timeout,
+    orphan_timeout)."""
     kid, argv, env = req.get("kernel"), req.get("argv"), req.get("env") or {}
     conn, transport = req.get("connection"), req.get("transport", "ipc")
     if not isinstance(kid, str) or not kid:
@@ -128,6 +133,14 @@ def write_connection_file(kdir, info):
     return cfile
 
 
+def tcp_address(client):
+    """Where a tcp kernel listens: loopback; in a Slurm job, the node's address toward the
+    login node its client's srun came from (see job.py)."""
+    if not STATE.get("job"):
+        return "127.0.0.1"
+    return address_toward(client.env.get("SLURM_LAUNCH_NODE_IPADDR"))
+
+
 def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
     """Make the kernel dir and connection file, start the kernel, write its record (so that a
     later daemon can find it); returns (Kernel, endpoints)."""
@@ -139,7 +152,8 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
             if len(endpoints["shell"]) > 100:  # AF_UNIX paths are limited to ~107 bytes
                 raise AgentError(f"ipc socket path {endpoints['shell']} is too long")
         else:
-            ip, ports = "127.0.0.1", alloc_ports()
+            ip = tcp_address(client)
+            ports = alloc_ports(ip)
             by_channel = endpoints = dict(zip(CHANNELS, ports))
         info = {f"{ch}_port": p for ch, p in by_channel.items()}
         info.update(ip=ip, transport=transport, key=conn["key"])
@@ -148,7 +162,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
         info.update((name, conn[name]) for name in CURVE_KEYS if conn.get(name))
         cfile = write_connection_file(kdir, info)
         cmd = [a.replace("{connection_file}", cfile) for a in argv]
-        full_env = dict(client.env, **env)
+        full_env = dict(STATE.get("kernel_env") or client.env, **env)
         log_fd = os.open(os.path.join(kdir, "kernel.log"), os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             with LOCK:  # spawn + register atomically with respect to shutdown's snapshot
@@ -165,7 +179,7 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
                     raise AgentError(f"cannot run {argv[0]}: {e.strerror or e}") from None
                 k = KERNELS[kid] = Kernel(kid, proc, kdir, ports, client, orphan)
                 k.kernel_name = str(conn.get("kernel_name") or "")
-                k.endpoints = endpoints
+                k.endpoints, k.ip = endpoints, ip if transport == "tcp" else None
                 if client not in CLIENTS:  # the client left while we were preparing
                     k.orphaned_at = time.monotonic()
                     k.clients.clear()
@@ -209,7 +223,11 @@ def op_launch(client, req):
     k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan)
     deadline = time.monotonic() + timeout
     pending = list(endpoints.values())
-    ready = os.path.exists if transport == "ipc" else tcp_listening
+    ip = k.ip
+
+    def ready(endpoint):
+        return os.path.exists(endpoint) if ip is None else tcp_listening(ip, endpoint)
+
     while True:
         if exited(k.proc):
             abort_start(k, "kernel exited with status %d during start", True)
@@ -224,7 +242,7 @@ def op_launch(client, req):
         write_record(k)
     threading.Thread(target=watch, args=(k,), daemon=True).start()
     reply = {"re": req.get("id"), "ok": True, "pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir}
-    client.emit(dict(reply, endpoints=endpoints))
+    client.emit(dict(reply, endpoints=endpoints, ip=ip))
     k.announced.set()  # the reply is written here so the exited event can never precede it
 
 

@@ -65,6 +65,7 @@ def op_attach(client, req):
     names = ("key", "signature_scheme", "kernel_name") + CURVE_KEYS
     connection = {name: info.get(name) for name in names if name in info}
     reply = {"pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir, "endpoints": k.endpoints}
+    reply["ip"] = k.ip
     return dict(reply, orphan_timeout=k.orphan_timeout, connection=connection)
 
 

@@ -20,6 +20,7 @@ from .common import (
     file_tail,
     one_line,
 )
+from .job import job_id, job_root
 
 RELAY_DRAIN = 15.0  # seconds the relay waits for the daemon after the channel closed
 DAEMON_BOOTSTRAP = (
@@ -85,13 +86,27 @@ def start_daemon(bundle, root, sock_name, log_name):
         time.sleep(0.01)
 
 
-def open_daemon(bundle, root):
-    """Connect to the daemon (starting it if needed); returns (socket, bytes up to its hello).
+def wait_for_daemon(sock_name):
+    """A Slurm job's daemon (its batch script) may not listen yet when the job is RUNNING."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        s = connect(sock_name)
+        if s is not None:
+            return s
+        if time.monotonic() > deadline:
+            raise AgentError(f"no agent runs in Slurm job {job_id()} on this node (the job "
+                             f"has ended, or its batch script failed)")  # fmt: skip
+        time.sleep(0.02)
+
+
+def open_daemon(bundle, root, in_job=False):
+    """Connect to the daemon (starting it if needed, unless ``in_job``: the job's batch
+    script is the daemon); returns (socket, bytes up to its hello).
 
     A daemon that is exiting closes the connection before its hello: then start over."""
     sock_name, lock_name, log_name = daemon_files()
     for _ in range(5):
-        s = connect(sock_name)
+        s = wait_for_daemon(sock_name) if in_job else connect(sock_name)
         if s is None:
             with base_lock(lock_name, START_TIMEOUT + 5.0):
                 s = connect(sock_name) or start_daemon(bundle, root, sock_name, log_name)
@@ -109,13 +124,14 @@ def open_daemon(bundle, root):
     raise AgentError("the agent daemon closed every connection before its hello")
 
 
-def relay_main(bundle):
-    """Connect the channel to the daemon and copy bytes both ways until either side ends."""
+def relay_main(bundle, in_job=False):
+    """Connect the channel to the daemon (of this Slurm job when ``in_job``) and copy bytes
+    both ways until either side ends."""
     try:
-        root = base_root()
+        root = job_root() if in_job else base_root()
         ensure_base_dir(root)
         os.chdir(ensure_base_dir(root, "-agent"))
-        sock, first = open_daemon(bundle, root)
+        sock, first = open_daemon(bundle, root, in_job)
     except (AgentError, OSError) as e:
         emit({"event": "fatal", "error": one_line(e)})
         sys.stderr.write(one_line(e) + "\n")
