@@ -87,13 +87,15 @@ def bootstrap_input() -> bytes:
     return b"%d\n" % len(source) + source
 
 
-def remote_command(python: str, mode: str = "relay") -> str:
-    """The exec command running the bundle's ``mode`` on ``python`` (``~/`` expanded remotely)."""
+def remote_command(python: str, mode: str = "relay", launcher: tuple[str, ...] = ()) -> str:
+    """The exec command running the bundle's ``mode`` on ``python`` (``~/`` expanded
+    remotely), through ``launcher`` (e.g. ``srun …``: arguments of its own) when given."""
     if python.startswith("~/"):
         interpreter = '"$HOME"/' + shlex.quote(python[2:])
     else:
         interpreter = shlex.quote(python)
-    return f"exec {interpreter} -c {shlex.quote(BOOTSTRAP % mode)}"
+    prefix = "".join(shlex.quote(arg) + " " for arg in launcher)
+    return f"exec {prefix}{interpreter} -c {shlex.quote(BOOTSTRAP % mode)}"
 
 
 def start_failure(
@@ -162,8 +164,9 @@ class _Session(asyncssh.SSHClientSession[bytes]):
 class RemoteAgent:
     """One running remote agent: send requests, await replies, receive kernel exits."""
 
-    def __init__(self, python: str, host_label: str) -> None:
+    def __init__(self, python: str, host_label: str, launcher: tuple[str, ...] = ()) -> None:
         self.python = python
+        self.launcher = launcher
         self.host_label = host_label
         self.hello: dict[str, Any] = {}
         self.stderr = ""
@@ -200,14 +203,17 @@ class RemoteAgent:
         python: str,
         host_label: str,
         keepalive_interval: float,
+        mode: str = "relay",
+        launcher: tuple[str, ...] = (),
     ) -> RemoteAgent:
-        """Run the agent with ``python`` on ``conn`` and start keepalives, as soon as the
-        exec request is sent: requests written meanwhile follow the bundle in the channel,
-        so neither the exec's reply nor the agent's hello costs a round trip before them.
-        :meth:`ready` says whether the agent did start."""
-        agent = cls(python, host_label)
+        """Run the agent with ``python`` on ``conn`` (in ``mode``, through ``launcher``) and
+        start keepalives, as soon as the exec request is sent: requests written meanwhile
+        follow the bundle in the channel, so neither the exec's reply nor the agent's hello
+        costs a round trip before them. :meth:`ready` says whether the agent did start."""
+        agent = cls(python, host_label, launcher)
+        command = remote_command(python, mode, launcher)
         session = asyncio.ensure_future(
-            conn.create_session(lambda: _Session(agent), remote_command(python), encoding=None)
+            conn.create_session(lambda: _Session(agent), command, encoding=None)
         )
         try:
             await asyncio.wait([session, agent._opened], return_when=asyncio.FIRST_COMPLETED)
@@ -260,6 +266,12 @@ class RemoteAgent:
         it also wrote it to stderr, so stderr is not repeated), else python's failure."""
         if self.fatal:
             return LaunchError(f"the remote agent on {self.host_label} cannot start: {self.fatal}")
+        if self.launcher and self.exit_status != EXIT_COMMAND_NOT_FOUND:
+            tail = " | ".join(self.stderr.strip().splitlines()[-3:]) or "no error output"
+            return LaunchError(
+                f"`{self.launcher[0]}` could not run the remote agent on {self.host_label} "
+                f"(exit status {self.exit_status}): {tail}"
+            )
         return start_failure(self.python, self.host_label, self.exit_status, self.stderr)
 
     async def request(
@@ -354,16 +366,22 @@ class RemoteAgent:
 
 
 async def shared_agent(
-    conn: Connection, python: str, host_label: str, keepalive_interval: float
+    conn: Connection,
+    python: str,
+    host_label: str,
+    keepalive_interval: float,
+    mode: str = "relay",
+    launcher: tuple[str, ...] = (),
 ) -> RemoteAgent:
-    """The connection's agent for ``python``, started once and shared by its kernels."""
-    key = ("agent", python)
+    """The connection's agent for ``python`` (run in ``mode`` through ``launcher``), started
+    once and shared by its kernels."""
+    key = ("agent", python, mode, launcher)
     existing: asyncio.Future[RemoteAgent] | None = conn.resources.get(key)
     pending: asyncio.Future[RemoteAgent]
     if existing is None or _unusable(existing):
         assert conn.ssh is not None
         pending = asyncio.ensure_future(
-            RemoteAgent.open(conn.ssh, python, host_label, keepalive_interval)
+            RemoteAgent.open(conn.ssh, python, host_label, keepalive_interval, mode, launcher)
         )
         conn.resources[key] = pending
     else:

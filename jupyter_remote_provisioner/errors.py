@@ -24,3 +24,7 @@ class ConnectError(RemoteKernelError):
 
 class LaunchError(RemoteKernelError):
     """The remote kernel did not start."""
+
+
+class KernelGone(RemoteKernelError):
+    """The place the kernel ran is gone for good (its Slurm job ended): no reconnect helps."""

@@ -21,7 +21,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .agent import AgentError, AgentLost, RemoteAgent, shared_agent
+import asyncssh
+
+from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
 from .kernel_settings import KernelSettings
@@ -29,6 +31,7 @@ from .late_stop import stop_when_reachable
 from .pool import POOL
 from .recovery import Reconnecting
 from .signals import SIGKILL, SIGTERM
+from .sites import Spot, agent_for, site_for
 from .ssh import Connection
 from .sync_channel import SyncChannel, SyncError
 from .transfer import push
@@ -62,6 +65,8 @@ class RemoteKernel(Reconnecting):
         self._late_stop: asyncio.Task[None] | None = None  # see abandon()
         self.curve: dict[str, str] = {}  # the Curve keys the kernel runs with, if any
         self._daemon_pid: int | None = None  # the agent daemon that runs the kernel
+        self.site = site_for(kernel_id, settings, self.log)  # where it runs (sites/)
+        self.spot: Spot | None = None
 
     @property
     def running(self) -> bool:
@@ -90,7 +95,7 @@ class RemoteKernel(Reconnecting):
             assert self._late_stop is not None
             self._late_stop.cancel()
         try:
-            await self._connect()
+            await self._connect(renew=True)
             if stop_first:
                 await self._stop_abandoned()
             if settings.upload:
@@ -98,12 +103,13 @@ class RemoteKernel(Reconnecting):
                 await self._upload(local_dir, where.cwd)
             await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
+            await self._check_reach(reply)
         except BaseException as exc:
             await self.close(persist=False)
             if not stop_first:
                 raise
             # still unreachable: the old kernel is stopped when the host is back
-            self._late_stop = stop_when_reachable(settings, self.kernel_id, self.log)
+            self._late_stop = stop_when_reachable(self.site, settings, self.kernel_id, self.log)
             if isinstance(exc, RemoteKernelError):
                 raise type(exc)(
                     f"cannot restart the kernel: {exc}; the old kernel is stopped once "
@@ -115,15 +121,21 @@ class RemoteKernel(Reconnecting):
         self._note_agent()
         self._exited.clear()
         assert self._conn is not None and self._conn.ssh is not None
-        self.tunnel.retarget(self._conn.ssh, reply["endpoints"])
+        self.tunnel.retarget(self._conn.ssh, reply["endpoints"], reply.get("ip"))
         self.log.info(
             "Remote kernel %s started on %s (pid %s) in %.2f s",
             self.kernel_id,
-            self.settings.target.describe(),
+            self._where(),
             self.pid,
             time.monotonic() - started,
         )
         return self._connection_info(session, self.curve)
+
+    def _where(self) -> str:
+        """The SSH chain, and the node behind it when the kernel does not run at its end."""
+        chain = self.settings.target.describe()
+        label = self.spot.label if self.spot else ""
+        return chain if label in ("", self.settings.target.host.label) else f"{label} via {chain}"
 
     def _connection_info(
         self, session: Mapping[str, Any], curve: Mapping[str, str]
@@ -144,16 +156,27 @@ class RemoteKernel(Reconnecting):
         """The Curve keys asked for, unless the remote ipykernel is too old to use them
         (its version comes with the agent's hello, waited for only in that case)."""
         keys, settings = keys_of(session.get("curve") or {}), self.settings
+        spot = self.spot
+        exposed = spot is not None and spot.network
+        if spot is not None and exposed and not keys:
+            raise LaunchError(
+                f"the kernel would listen unencrypted on the network of {spot.label}; "
+                f'declare "supported_encryption": ["curve"] in kernel.json\'s metadata '
+                f"(`remote_kernel add` does for ipykernel) so that it runs with CurveZMQ"
+            )
         if not keys or settings.kernel_argv:
             return keys
         await self._agent_ready()
         assert self._agent is not None
         return usable_keys(
-            keys, bool(session.get("curve_required")), self._agent.hello.get("ipykernel"),
-            settings.target.host.label, settings.python, settings.transport, self.log,
+            keys, bool(session.get("curve_required")) or exposed,
+            self._agent.hello.get("ipykernel"), settings.target.host.label, settings.python,
+            settings.transport, self.log,
         )  # fmt: skip
 
-    async def _connect(self) -> None:
+    async def _connect(self, renew: bool = False) -> None:
+        """A live connection, the kernel's spot (``renew``: a new one if it is gone, for a
+        start) and the spot's agent."""
         settings = self.settings
         if self._conn is not None and self._conn.lost.is_set():
             lost, self._conn = self._conn, None
@@ -163,8 +186,9 @@ class RemoteKernel(Reconnecting):
                 settings.target, settings.connect_timeout, settings.keepalive_interval
             )
             self.log.info("SSH connection to %s ready", settings.target.describe())
-        self._agent = await shared_agent(
-            self._conn, settings.python, settings.target.host.label, settings.keepalive_interval
+        self.spot = await self.site.place(self._conn, renew)
+        self._agent = await agent_for(
+            self._conn, settings.python, self.spot, settings.keepalive_interval
         )
 
     async def _agent_ready(self) -> None:
@@ -259,6 +283,27 @@ class RemoteKernel(Reconnecting):
             if not launch.done() or launch.cancelled() or launch.exception() is not None:
                 agent.on_exit(self.kernel_id, None)  # no kernel to watch (also after close())
 
+    async def _check_reach(self, reply: Mapping[str, Any]) -> None:
+        """A kernel on another machine than the SSH host (a Slurm node): its ports must be
+        reachable from there, or every client would wait for nothing."""
+        if self.spot is None or not self.spot.network:
+            return
+        assert self._conn is not None and self._conn.ssh is not None
+        ip, port = str(reply.get("ip")), int(reply["endpoints"]["hb"])
+        try:
+            _, session = await asyncio.wait_for(
+                self._conn.ssh.open_connection(ip, port), self.settings.connect_timeout
+            )
+            session.close()
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            await self._stop_abandoned()
+            raise LaunchError(
+                f"{self.settings.target.host.label} cannot reach the kernel's port {port} on "
+                f"{self.spot.label} at {ip}: {getattr(exc, 'reason', '') or exc or 'timeout'}; "
+                f"the login node must be allowed to connect to the nodes (and sshd there to "
+                f"forward TCP: AllowTcpForwarding)"
+            ) from None
+
     async def _stop_abandoned(self) -> None:
         """Stop the kernel given up during an outage under this id, if it still runs."""
         assert self._agent is not None
@@ -300,6 +345,13 @@ class RemoteKernel(Reconnecting):
             f": {tail}" if tail else "",
         )
         self._set_exited(status)
+        if self._conn is not None and not self._conn.lost.is_set():
+            asyncio.ensure_future(self._explain_exit(self._conn))
+
+    async def _explain_exit(self, conn: Connection) -> None:
+        """Let the site say (in the log) whether the kernel ended with its place."""
+        with contextlib.suppress(RemoteKernelError):
+            await self.site.ended(conn)
 
     def _set_exited(self, status: int) -> None:
         self._running = False
@@ -367,8 +419,14 @@ class RemoteKernel(Reconnecting):
             self._agent = None
         await self.tunnel.close()
         conn, self._conn = self._conn, None
-        if conn is not None:
-            await POOL.release(conn, self.settings.connection_persist if persist else 0.0)
+        if conn is None:
+            return
+        if not keep_kernel and self._late_stop is None and not conn.lost.is_set():
+            try:
+                await self.site.release(conn)
+            except RemoteKernelError as exc:
+                self.log.warning("Could not release where kernel %s ran: %s", self.kernel_id, exc)
+        await POOL.release(conn, self.settings.connection_persist if persist else 0.0)
 
 
 def _signal_name(signum: int) -> str:

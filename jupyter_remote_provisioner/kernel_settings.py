@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .sites.slurm_request import SlurmRequest
 from .target import Target
 
 IPYKERNEL_ARGV = ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -28,6 +29,7 @@ class KernelSettings:
     reconnect_timeout: float = 600.0
     orphan_timeout: float | None = 600.0
     connection_persist: float = 300.0
+    slurm: SlurmRequest | None = None  # run in a Slurm job submitted through the host
 
     def argv(self) -> list[str]:
         """The remote command: ``kernel_argv`` when given, else ipykernel on ``python``."""

@@ -10,12 +10,16 @@ import atexit
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from . import loop
-from .agent import AgentError, AgentLost, shared_agent
+from .agent import AgentError, AgentLost
 from .errors import RemoteKernelError
 from .kernel_settings import KernelSettings
 from .pool import POOL
+
+if TYPE_CHECKING:
+    from .sites import Site
 
 EXIT_WAIT = 2.0  # seconds the process exit waits for stops under way
 PAUSES = (0.5, 5.0)  # seconds between attempts: first, then doubling up to the second
@@ -23,12 +27,12 @@ _PENDING: set[asyncio.Task[None]] = set()  # strong references while they run
 
 
 def stop_when_reachable(
-    settings: KernelSettings, kernel_id: str, log: logging.Logger
+    site: Site, settings: KernelSettings, kernel_id: str, log: logging.Logger
 ) -> asyncio.Task[None]:
-    """Start trying to stop ``kernel_id``; returns the task (cancel it to give up). The
-    task holds the package loop while it runs."""
+    """Start trying to stop ``kernel_id`` where ``site`` runs it; returns the task (cancel
+    it to give up). The task holds the package loop while it runs."""
     loop.acquire()
-    task = asyncio.ensure_future(_stop_later(settings, kernel_id, log))
+    task = asyncio.ensure_future(_stop_later(site, settings, kernel_id, log))
     _PENDING.add(task)
     task.add_done_callback(_done)
     return task
@@ -39,13 +43,15 @@ def _done(task: asyncio.Task[None]) -> None:
     loop.release()
 
 
-async def _stop_later(settings: KernelSettings, kernel_id: str, log: logging.Logger) -> None:
+async def _stop_later(
+    site: Site, settings: KernelSettings, kernel_id: str, log: logging.Logger
+) -> None:
     where = settings.target.describe()
     deadline = time.monotonic() + settings.reconnect_timeout
     pause = PAUSES[0]
     while True:
         try:  # at once first: often only the agent's channel was lost, not the host
-            await asyncio.wait_for(_stop(settings, kernel_id), settings.connect_timeout * 2)
+            await asyncio.wait_for(_stop(site, settings, kernel_id), settings.connect_timeout * 2)
         except AgentError:
             return  # not there any more: nothing to stop
         except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
@@ -59,16 +65,12 @@ async def _stop_later(settings: KernelSettings, kernel_id: str, log: logging.Log
         pause = min(2 * pause, PAUSES[1])
 
 
-async def _stop(settings: KernelSettings, kernel_id: str) -> None:
+async def _stop(site: Site, settings: KernelSettings, kernel_id: str) -> None:
     conn = await POOL.acquire(
         settings.target, settings.connect_timeout, settings.keepalive_interval
     )
     try:
-        assert conn.ssh is not None
-        agent = await shared_agent(
-            conn, settings.python, settings.target.host.label, settings.keepalive_interval
-        )
-        await agent.request("stop", reply_timeout=settings.connect_timeout + 10, kernel=kernel_id)
+        await site.stop_kernel(conn, kernel_id)
     finally:
         await POOL.release(conn, settings.connection_persist)
 

@@ -24,6 +24,7 @@ from .errors import ConfigError, RemoteKernelError
 from .kernel import RemoteKernel
 from .kernel_settings import KernelSettings
 from .signals import SIGKILL, SIGTERM
+from .sites.slurm_request import SlurmRequest
 from .target import DEFAULT_SSH_CONFIG, resolve
 
 # Environment variables of the local side that describe the session, not the machine.
@@ -128,11 +129,21 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "ControlPersist); 0 closes it at once. Never delays the exit of the process.",
     )
 
+    slurm = Dict(
+        default_value=None,
+        allow_none=True,
+        config=True,
+        help="Run the kernel in a Slurm job submitted through `host` (a login node): "
+        'sbatch requests such as {"partition": "gpu", "time": "4:00:00", "gpus": 1}, '
+        "`options` (more sbatch flags) and `queue_timeout` (seconds a start may wait in the "
+        "queue). Absent: the kernel runs on `host` itself.",
+    )
+
     CONFIG_KEYS = (
         "host", "jump", "python", "kernel_argv", "env", "cwd", "path_map", "upload",
         "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
-        "reconnect_timeout", "orphan_timeout", "connection_persist",
+        "reconnect_timeout", "orphan_timeout", "connection_persist", "slurm",
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
@@ -191,9 +202,15 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         target = resolve(
             self.host, self.jump or None, ssh_config, self.identity_file, self.known_hosts
         )
+        slurm = SlurmRequest.from_config(self.slurm) if self.slurm is not None else None
         transport = self.transport
         if transport == "auto":
-            transport = "tcp" if self.kernel_argv else "ipc"
+            transport = "tcp" if self.kernel_argv or slurm else "ipc"
+        if slurm is not None and transport != "tcp":
+            raise ConfigError(
+                "a Slurm kernel runs on a compute node and is reached over the network: "
+                "set `transport` to tcp or auto, not ipc"
+            )
         return KernelSettings(
             target=target,
             python=self.python,
@@ -209,6 +226,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             reconnect_timeout=self.reconnect_timeout,
             orphan_timeout=self.orphan_timeout,
             connection_persist=self.connection_persist,
+            slurm=slurm,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -13,9 +13,10 @@ from typing import Any
 
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of
-from .errors import RemoteKernelError
+from .errors import KernelGone, RemoteKernelError
 from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
+from .sites import Site
 from .ssh import Connection
 from .tunnel import KernelTunnel
 
@@ -41,8 +42,9 @@ class Reconnecting:
     _late_stop: asyncio.Task[None] | None
     _agent_client: int | None
     _daemon_pid: int | None
+    site: Site
 
-    async def _connect(self) -> None:
+    async def _connect(self, renew: bool = False) -> None:
         raise NotImplementedError
 
     async def close(self, keep_kernel: bool = False, persist: bool = True) -> None:
@@ -85,6 +87,9 @@ class Reconnecting:
                     return
                 except AgentError as exc:
                     self._gone_while_away(exc.reply)
+                    return
+                except KernelGone:  # its place is gone too (the site logged why)
+                    self._set_exited(LOST)
                     return
                 except (RemoteKernelError, AgentLost, asyncio.TimeoutError, OSError) as exc:
                     problem = str(exc) or type(exc).__name__
@@ -150,7 +155,7 @@ class Reconnecting:
             agent.on_exit(self.kernel_id, None)
             raise
         self._note_agent()
-        self.tunnel.retarget(conn.ssh, reply["endpoints"])
+        self.tunnel.retarget(conn.ssh, reply["endpoints"], reply.get("ip"))
         return reply
 
     def _note_agent(self) -> None:
@@ -186,5 +191,5 @@ class Reconnecting:
             self.settings.target.host.label, self.settings.orphan_timeout,
         )  # fmt: skip
         self._recovery.cancel()
-        self._late_stop = stop_when_reachable(self.settings, self.kernel_id, self.log)
+        self._late_stop = stop_when_reachable(self.site, self.settings, self.kernel_id, self.log)
         self._set_exited(LOST)

@@ -26,15 +26,21 @@ log = logging.getLogger(__name__)
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 LOOPBACK = "127.0.0.1"
 
-Endpoint = str | int  # a remote Unix socket path, or a remote loopback TCP port
+Endpoint = str | int  # a remote Unix socket path, or a remote TCP port (on the tunnel's host)
 
 
 class _Forwarder(SSHLocalPortForwarder):
     """asyncssh's local forwarder, remembered by its tunnel so closing it closes the stream."""
 
-    def __init__(self, tunnel: KernelTunnel, conn: asyncssh.SSHClientConnection, dest: Endpoint):
+    def __init__(
+        self,
+        tunnel: KernelTunnel,
+        conn: asyncssh.SSHClientConnection,
+        dest: Endpoint,
+        host: str = LOOPBACK,
+    ):
         super().__init__(conn, self._open)
-        self._dest = dest
+        self._dest, self._host = dest, host
         self._tunnel = tunnel
         tunnel.active.add(self)
 
@@ -43,7 +49,7 @@ class _Forwarder(SSHLocalPortForwarder):
         if isinstance(self._dest, int):
             return await conn.create_connection(
                 session_factory,  # type: ignore[arg-type]
-                LOOPBACK,
+                self._host,
                 self._dest,
                 window=WINDOW,
             )
@@ -74,6 +80,7 @@ class KernelTunnel:
         self._servers: list[asyncio.base_events.Server] = []
         self._conn: asyncssh.SSHClientConnection | None = None
         self._endpoints: dict[str, Endpoint] = {}
+        self._host = LOOPBACK
 
     async def open(self, ports: Mapping[str, int] | None = None) -> dict[str, int]:
         """Bind the listeners on 127.0.0.1: the given ports (launcher mode) or ephemeral ones."""
@@ -95,11 +102,17 @@ class KernelTunnel:
         return self.ports
 
     def retarget(
-        self, conn: asyncssh.SSHClientConnection | None, endpoints: Mapping[str, Endpoint]
+        self,
+        conn: asyncssh.SSHClientConnection | None,
+        endpoints: Mapping[str, Endpoint],
+        host: str | None = None,
     ) -> None:
-        """Send new client connections to ``endpoints`` over ``conn`` (None: refuse them)."""
+        """Send new client connections to ``endpoints`` over ``conn`` (None: refuse them);
+        TCP ports are on ``host`` as the far end of ``conn`` sees it (default: its loopback;
+        a Slurm compute node's address, reached from the login node)."""
         self._conn = conn
         self._endpoints = dict(endpoints)
+        self._host = host or LOOPBACK
 
     def drop_connections(self) -> None:
         """Close every forwarded stream, so clients reconnect to the current target."""
@@ -110,7 +123,7 @@ class KernelTunnel:
         dest = self._endpoints.get(name)
         if self._conn is None or dest is None:
             return _Refuse()
-        return _Forwarder(self, self._conn, dest)
+        return _Forwarder(self, self._conn, dest, self._host)
 
     async def close(self) -> None:
         """Stop listening and close every forwarded stream."""

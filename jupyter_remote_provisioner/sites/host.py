@@ -1,0 +1,36 @@
+"""A plain SSH host: the kernel runs where the connection ends; nothing to set up or undo."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import Spot, agent_for
+
+if TYPE_CHECKING:
+    from ..kernel_settings import KernelSettings
+    from ..ssh import Connection
+
+STOP_REPLY_SLACK = 10.0  # seconds beyond connect_timeout for the agent's stop (SIGTERM, SIGKILL)
+
+
+class HostSite:
+    """The target host itself."""
+
+    def __init__(self, settings: KernelSettings) -> None:
+        self.settings = settings
+        self.spot = Spot(settings.target.host.label)
+
+    async def place(self, conn: Connection, renew: bool) -> Spot:
+        return self.spot
+
+    async def ended(self, conn: Connection) -> str | None:
+        return None
+
+    async def release(self, conn: Connection) -> None:
+        return None
+
+    async def stop_kernel(self, conn: Connection, kernel_id: str) -> None:
+        settings = self.settings
+        agent = await agent_for(conn, settings.python, self.spot, settings.keepalive_interval)
+        timeout = settings.connect_timeout + STOP_REPLY_SLACK
+        await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)

@@ -1,0 +1,179 @@
+"""A compute node of a Slurm cluster: one job per kernel, submitted through the login node.
+
+The job's batch script is the remote agent's daemon (see ``remote/job.py``): the kernel is
+its child, so it gets the job's CPUs, memory and GPUs, and restarts happen inside the same
+allocation. The agent is reached with ``srun --jobid=J --overlap`` over the SSH connection
+to the login node, and the kernel's ports are forwarded from the login node to the node's
+address, where CurveZMQ keeps them private from other users of the cluster. The job ends
+when the kernel is shut down (scancel), or when its daemon is left with no kernel (the
+orphan rule reaped it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..agent import bootstrap_input, remote_command
+from ..errors import KernelGone, LaunchError
+from . import Spot
+from .slurm_jobs import JobInfo, job_info, output_tail, remove_output, sbatch, scancel
+
+if TYPE_CHECKING:
+    from ..kernel_settings import KernelSettings
+    from ..ssh import Connection
+
+POLL_PAUSES = (0.1, 2.0)  # seconds between looks at a pending job: first, then doubling
+CANCEL_WAIT = 10.0  # seconds a shutdown waits for a cancelled job to leave the queue
+WARN_BEFORE = (900, 300, 60, 20)  # seconds before the time limit to warn, when they fit
+JOB_PREFIX = "jrp-"  # job names: jrp-<kernel id>, which `ps` reads back
+
+
+class SlurmSite:
+    """The job that holds one kernel, from submission to its end."""
+
+    def __init__(self, kernel_id: str, settings: KernelSettings, log: logging.Logger) -> None:
+        assert settings.slurm is not None
+        self.kernel_id, self.settings, self.log = kernel_id, settings, log
+        self.request = settings.slurm
+        self.login = settings.target.host.label
+        self.job: JobInfo | None = None
+        self._ended = ""  # why the job ended, once logged
+        self._warnings: asyncio.Task[None] | None = None
+
+    def _spot(self, job: JobInfo) -> Spot:
+        launcher = ("srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1",
+                    "--quiet")  # fmt: skip
+        label = f"{job.node} (Slurm job {job.job_id})"
+        return Spot(label, "jobrelay", launcher, network=True)
+
+    async def place(self, conn: Connection, renew: bool) -> Spot:
+        if self.job is not None:
+            info = await job_info(conn, self.job.job_id)
+            if info is not None and info.running:
+                return self._spot(self.job)
+            reason = self._report_end(info)
+            if not renew:
+                raise KernelGone(reason)
+        self.job = await self._submit(conn)
+        self._warnings = asyncio.ensure_future(self._warn_before_limit(self.job))
+        return self._spot(self.job)
+
+    async def _submit(self, conn: Connection) -> JobInfo:
+        """Submit the kernel's job and wait (queue_timeout) until it runs; cancel it if
+        that fails or the caller gives up."""
+        started = time.monotonic()
+        args = [f"--job-name={JOB_PREFIX}{self.kernel_id}", "--nodes=1", "--ntasks=1",
+                *self.request.sbatch_args()]  # fmt: skip
+        job_id = await sbatch(conn, args, self.batch_script())
+        self._ended = ""
+        try:
+            info = await self._wait_running(conn, job_id)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._cancel(conn, job_id))
+            raise
+        self.log.info("Slurm job %d of kernel %s runs on %s (%.1f s after submission, time "
+                      "limit %s)", job_id, self.kernel_id, info.node, time.monotonic() - started,
+                      info.time_limit)  # fmt: skip
+        return info
+
+    def batch_script(self) -> bytes:
+        """The job's script: the remote agent's daemon, fed its bundle on stdin."""
+        command = remote_command(self.settings.python, "jobdaemon")
+        head = f"#!/bin/sh\n# jupyter-remote-provisioner: kernel {self.kernel_id}\n"
+        return f"{head}{command} <<'JRP_AGENT_BUNDLE'\n".encode() + (
+            bootstrap_input() + b"\nJRP_AGENT_BUNDLE\n"
+        )
+
+    async def _wait_running(self, conn: Connection, job_id: int) -> JobInfo:
+        deadline = time.monotonic() + self.request.queue_timeout
+        pause, said = POLL_PAUSES[0], ""
+        while True:
+            info = await job_info(conn, job_id)
+            if info is not None and info.running:
+                return info
+            if info is None or not info.active:
+                tail = await output_tail(conn, job_id)
+                what = info.ending() if info else f"Slurm job {job_id} vanished"
+                raise LaunchError(f"{what} before the kernel started"
+                                  + (f"; its output: {tail}" if tail else ""))  # fmt: skip
+            news = f"{info.state} ({info.reason})"
+            if news != said:
+                self.log.info("Kernel %s: queued as Slurm job %d (%s, reason: %s)",
+                              self.kernel_id, job_id, info.state, info.reason)  # fmt: skip
+                said = news
+            if time.monotonic() + pause > deadline:
+                raise LaunchError(
+                    f"Slurm job {job_id} was still waiting after {self.request.queue_timeout:g} "
+                    f"s (reason: {info.reason}) and was cancelled; raise slurm.queue_timeout, "
+                    f"or ask for fewer resources or another partition"
+                )
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, POLL_PAUSES[1])
+
+    async def _warn_before_limit(self, job: JobInfo) -> None:
+        """Warn in the log ahead of the time limit, when the kernel ends with the job."""
+        left = job.seconds_left()
+        if left is None:
+            return
+        end = time.monotonic() + left
+        for before in WARN_BEFORE:
+            if before >= left:
+                continue
+            await asyncio.sleep(max(0.0, end - before - time.monotonic()))
+            self.log.warning(
+                "Slurm job %d of kernel %s reaches its time limit (%s) in %s; the kernel ends "
+                "then: save your work", job.job_id, self.kernel_id, job.time_limit,
+                _minutes(before),
+            )  # fmt: skip
+
+    def _report_end(self, info: JobInfo | None) -> str:
+        """Log once why the job ended; the reason."""
+        assert self.job is not None
+        reason = info.ending() if info is not None else (
+            f"Slurm job {self.job.job_id} is no longer known to Slurm"
+        )  # fmt: skip
+        if reason != self._ended:
+            self.log.warning("Remote kernel %s ended with its job: %s", self.kernel_id, reason)
+            self._ended = reason
+        if self._warnings is not None:
+            self._warnings.cancel()
+        return reason
+
+    async def ended(self, conn: Connection) -> str | None:
+        if self.job is None:
+            return None
+        info = await job_info(conn, self.job.job_id)
+        if info is not None and info.running:
+            return None
+        return self._report_end(info)
+
+    async def release(self, conn: Connection) -> None:
+        if self._warnings is not None:
+            self._warnings.cancel()
+        job, self.job = self.job, None
+        if job is not None:
+            await self._cancel(conn, job.job_id)
+
+    async def _cancel(self, conn: Connection, job_id: int) -> None:
+        """scancel the job, wait (bounded) until it has left the queue, remove its output."""
+        info = await job_info(conn, job_id)
+        if info is not None and info.active:
+            await scancel(conn, job_id)
+            deadline = time.monotonic() + CANCEL_WAIT
+            while info is not None and info.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                info = await job_info(conn, job_id)
+            self.log.info("Cancelled Slurm job %d of kernel %s", job_id, self.kernel_id)
+        await remove_output(conn, job_id)
+
+    async def stop_kernel(self, conn: Connection, kernel_id: str) -> None:
+        await self.release(conn)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"

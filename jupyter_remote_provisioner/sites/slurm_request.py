@@ -1,0 +1,99 @@
+"""What a kernelspec asks Slurm for (its ``slurm`` mapping), validated, as ``sbatch`` flags."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+# key -> sbatch flag, in the order they are written
+FLAGS = {
+    "partition": "--partition",
+    "time": "--time",
+    "gpus": "--gpus",
+    "gres": "--gres",
+    "cpus": "--cpus-per-task",
+    "mem": "--mem",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+}
+KEYS = (*FLAGS, "options", "queue_timeout")
+DEFAULT_QUEUE_TIMEOUT = 3600.0  # seconds a kernel start waits for its job to leave the queue
+WHERE = "metadata.kernel_provisioner.config.slurm"
+
+
+@dataclass(frozen=True)
+class SlurmRequest:
+    """The resources of one kernel's job, and how long its start may wait in the queue."""
+
+    values: tuple[tuple[str, str], ...] = ()  # (key, value) for the keys of FLAGS
+    options: tuple[str, ...] = ()  # more sbatch flags, each one argument
+    queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SlurmRequest:
+        """Validate a kernelspec's ``slurm`` mapping; ConfigError names what is wrong."""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f'{WHERE} must be a mapping, e.g. {{"partition": "gpu"}}')
+        unknown = sorted(set(config) - set(KEYS))
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} in {WHERE}; "
+                              f"valid keys: {', '.join(KEYS)}")  # fmt: skip
+        values = tuple((key, _value(key, config[key])) for key in FLAGS if key in config)
+        options = config.get("options") or []
+        if isinstance(options, str) or not all(isinstance(o, str) for o in options):
+            raise ConfigError(f"{WHERE}.options must be a list of sbatch flags, one per item, "
+                              f'e.g. ["--exclusive", "--nice=10"]')  # fmt: skip
+        for option in options:
+            if not option.startswith("-") or _unsafe(option):
+                raise ConfigError(f"{WHERE}.options: {option!r} is not an sbatch flag "
+                                  f"(each item is one flag such as --exclusive)")  # fmt: skip
+        queue_timeout = config.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
+        if (
+            isinstance(queue_timeout, bool)
+            or not isinstance(queue_timeout, (int, float))
+            or (queue_timeout <= 0)
+        ):
+            raise ConfigError(f"{WHERE}.queue_timeout must be a number of seconds > 0")
+        return cls(values, tuple(options), float(queue_timeout))
+
+    def sbatch_args(self) -> list[str]:
+        """The flags of the request, one argument each."""
+        return [f"{FLAGS[key]}={value}" for key, value in self.values] + list(self.options)
+
+    def sbatch_line(self) -> str:
+        """The equivalent ``sbatch`` command line, for people to read or run by hand."""
+        return shlex.join(["sbatch", *self.sbatch_args()])
+
+    def as_config(self) -> dict[str, Any]:
+        """The mapping as a kernelspec holds it."""
+        config: dict[str, Any] = dict(self.values)
+        if self.options:
+            config["options"] = list(self.options)
+        if self.queue_timeout != DEFAULT_QUEUE_TIMEOUT:
+            config["queue_timeout"] = self.queue_timeout
+        return config
+
+
+def _value(key: str, value: Any) -> str:
+    if key in ("gpus", "cpus") and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip() or _unsafe(value):
+        raise ConfigError(f"{WHERE}.{key} must be a non-empty string without spaces, "
+                          f"e.g. {EXAMPLES[key]!r}")  # fmt: skip
+    return value.strip()
+
+
+def _unsafe(text: str) -> bool:
+    """Whitespace or control characters: never part of one sbatch flag's value."""
+    return any(ch.isspace() or ord(ch) < 32 for ch in text.strip())
+
+
+EXAMPLES = {
+    "partition": "gpu", "time": "4:00:00", "gpus": "1", "gres": "gpu:a100:1", "cpus": "8",
+    "mem": "32G", "account": "proj42", "qos": "normal", "constraint": "a100",
+}  # fmt: skip
