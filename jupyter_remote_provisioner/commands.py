@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import slurm_options
 from .encryption import declares_curve, traffic
 from .errors import ConfigError
 from .kernelspec import (
@@ -138,6 +139,7 @@ def register(subparsers: Any) -> None:
     )
     where.add_argument("--prefix", metavar="DIR", help="install into DIR/share/jupyter/kernels")
     add.add_argument("--replace", action="store_true", help="overwrite a kernelspec of that name")
+    slurm_options.add_arguments(add)
     add.add_argument(
         "--out",
         metavar="DIR",
@@ -197,6 +199,9 @@ def run_add(args: argparse.Namespace) -> int:
     if args.ssh_config:
         extra["ssh_config"] = _local_path(args.ssh_config, None)
         config_paths(extra["ssh_config"])  # fails now if the file is missing
+    slurm = slurm_options.config_from_args(args)
+    if slurm is not None:
+        extra["slurm"] = slurm
     spec = build_spec(
         name,
         args.endpoint,
@@ -340,6 +345,7 @@ def run_show(args: argparse.Namespace) -> int:
             "upload": uploads,
             "target": _target_json(target),
             "traffic_exposed": _traffic(spec)[0],
+            "slurm": spec.config.get("slurm"),
         }
         print(json.dumps(info, indent=2))
         return 0
@@ -365,6 +371,9 @@ def run_show(args: argparse.Namespace) -> int:
         print(f"    known_hosts: {', '.join(hop.known_hosts)}")
     print(f"  ssh command: {target.ssh_command()}")
     print(f"remote kernel: {_remote_command(spec.config)}")
+    settings = settings_from_config(spec.config)
+    for line in slurm_options.describe(settings.slurm, settings.target.host.label):
+        print(line)
     print(_traffic(spec)[1])
     print(f"remote cwd: {cwd}")
     for local, remote in path_map.items():
@@ -415,7 +424,8 @@ def _traffic(spec: RemoteSpec) -> tuple[bool, str]:
     settings = settings_from_config(spec.config)
     declared = declares_curve(spec.spec.get("metadata"))
     host = settings.target.host.label
-    return traffic(host, settings.transport, declared, bool(settings.kernel_argv))
+    node = settings.slurm is not None
+    return traffic(host, settings.transport, declared, bool(settings.kernel_argv), node=node)
 
 
 def _read_kernel_json(spec: RemoteSpec) -> dict[str, Any]:

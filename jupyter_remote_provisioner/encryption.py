@@ -67,9 +67,22 @@ def traffic(
     declared: bool,
     kernel_argv: bool,
     ipykernel: str | None = None,
+    node: bool = False,
 ) -> tuple[bool, str]:
     """(exposed, one line) about who on ``host`` can read the kernel's traffic, as the
-    provisioner runs it. ``ipykernel`` is the remote version when known (``check``)."""
+    provisioner runs it. ``ipykernel`` is the remote version when known (``check``).
+    ``node``: the kernel runs on a Slurm compute node behind ``host``, on its network."""
+    if node:
+        if declared:
+            return False, (
+                f"kernel traffic: tcp ports on the compute node's address (forwarded from "
+                f"{host}), encrypted with CurveZMQ; other users of the cluster cannot read it"
+            )
+        return True, (
+            "warning: kernel traffic: a Slurm kernel listens on the compute node's network, "
+            'so it starts only with CurveZMQ; declare "supported_encryption": ["curve"] '
+            "in kernel.json's metadata"
+        )
     if transport == "ipc":
         return False, (
             f"kernel traffic: Unix sockets in a private directory on {host}; other users "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,30 +35,30 @@ class SlurmRequest:
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> SlurmRequest:
-        """Validate a kernelspec's ``slurm`` mapping; ConfigError names what is wrong."""
+    def from_config(
+        cls, config: Mapping[str, Any], name: Callable[[str], str] = lambda key: f"{WHERE}.{key}"
+    ) -> SlurmRequest:
+        """Validate a kernelspec's ``slurm`` mapping; a ConfigError says what is wrong, with
+        each key called what ``name`` makes of it (a command line calls it a flag)."""
         if not isinstance(config, Mapping):
             raise ConfigError(f'{WHERE} must be a mapping, e.g. {{"partition": "gpu"}}')
         unknown = sorted(set(config) - set(KEYS))
         if unknown:
             raise ConfigError(f"unknown key(s) {', '.join(map(repr, unknown))} in {WHERE}; "
                               f"valid keys: {', '.join(KEYS)}")  # fmt: skip
-        values = tuple((key, _value(key, config[key])) for key in FLAGS if key in config)
+        values = tuple((key, _value(name(key), key, config[key])) for key in FLAGS if key in config)
         options = config.get("options") or []
         if isinstance(options, str) or not all(isinstance(o, str) for o in options):
-            raise ConfigError(f"{WHERE}.options must be a list of sbatch flags, one per item, "
-                              f'e.g. ["--exclusive", "--nice=10"]')  # fmt: skip
+            raise ConfigError(f"{name('options')} must be a list of sbatch flags, one per "
+                              f'item, e.g. ["--exclusive", "--nice=10"]')  # fmt: skip
         for option in options:
             if not option.startswith("-") or _unsafe(option):
-                raise ConfigError(f"{WHERE}.options: {option!r} is not an sbatch flag "
+                raise ConfigError(f"{name('options')}: {option!r} is not an sbatch flag "
                                   f"(each item is one flag such as --exclusive)")  # fmt: skip
         queue_timeout = config.get("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
-        if (
-            isinstance(queue_timeout, bool)
-            or not isinstance(queue_timeout, (int, float))
-            or (queue_timeout <= 0)
-        ):
-            raise ConfigError(f"{WHERE}.queue_timeout must be a number of seconds > 0")
+        number = isinstance(queue_timeout, (int, float)) and not isinstance(queue_timeout, bool)
+        if not number or queue_timeout <= 0:
+            raise ConfigError(f"{name('queue_timeout')} must be a number of seconds > 0")
         return cls(values, tuple(options), float(queue_timeout))
 
     def sbatch_args(self) -> list[str]:
@@ -79,11 +79,11 @@ class SlurmRequest:
         return config
 
 
-def _value(key: str, value: Any) -> str:
+def _value(name: str, key: str, value: Any) -> str:
     if key in ("gpus", "cpus") and isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip() or _unsafe(value):
-        raise ConfigError(f"{WHERE}.{key} must be a non-empty string without spaces, "
+        raise ConfigError(f"{name} must be a non-empty string without spaces, "
                           f"e.g. {EXAMPLES[key]!r}")  # fmt: skip
     return value.strip()
 
