@@ -190,9 +190,11 @@ class RemoteAgent:
         host_label: str,
         timeout: float,
         keepalive_interval: float,
+        mode: str = "relay",
+        launcher: tuple[str, ...] = (),
     ) -> RemoteAgent:
         """Run the agent with ``python`` on ``conn``, wait for its hello, start keepalives."""
-        agent = await cls.open(conn, python, host_label, keepalive_interval)
+        agent = await cls.open(conn, python, host_label, keepalive_interval, mode, launcher)
         await agent.ready(timeout)
         return agent
 

@@ -20,7 +20,10 @@ from .errors import RemoteKernelError
 from .kernel_settings import KernelSettings
 from .kernelspec import find_spec
 from .provisioner import settings_from_config
-from .sessions import agent_session
+from .sessions import connected_agent
+from .sites.slurm_jobs import test_only
+from .sites.slurm_request import SlurmRequest
+from .ssh import Connection
 
 PINGS = 5
 OK, FAIL, SKIP, WARN = "[ok]", "[FAIL]", "[--]", "[warn]"
@@ -65,8 +68,10 @@ async def check(settings: KernelSettings, report: Report, declared: bool = False
                f"({seconds * 1000:.0f} ms)")  # fmt: skip
 
     try:
-        async with agent_session(settings, hop_done) as agent:
+        async with connected_agent(settings, hop_done) as (conn, agent):
             ok = _report_remote(agent, settings, report) and await _report_round_trip(agent, report)
+            if ok and settings.slurm is not None:
+                ok = await _report_slurm(conn, settings.slurm, report)
             if ok:
                 _report_traffic(agent, settings, declared, report)
             return ok
@@ -104,6 +109,17 @@ async def _report_round_trip(agent: RemoteAgent, report: Report) -> bool:
     return True
 
 
+async def _report_slurm(conn: Connection, request: SlurmRequest, report: Report) -> bool:
+    """Ask the cluster whether it would run the kernel's job (sbatch --test-only)."""
+    try:
+        verdict = await test_only(conn, request.sbatch_args())
+    except RemoteKernelError as exc:
+        report(f"  {FAIL:<6} {exc}")
+        return False
+    report(f"  {OK:<6} Slurm accepts the request ({request.sbatch_line()}): {verdict}")
+    return True
+
+
 def _report_traffic(
     agent: RemoteAgent, settings: KernelSettings, declared: bool, report: Report
 ) -> None:
@@ -112,5 +128,6 @@ def _report_traffic(
     exposed, line = traffic(
         settings.target.host.label, settings.transport, declared, bool(settings.kernel_argv),
         None if settings.kernel_argv else str(agent.hello.get("ipykernel") or ""),
+        node=settings.slurm is not None,
     )  # fmt: skip
     report(f"  {WARN if exposed else OK:<6} {line.removeprefix('warning: ')}")

@@ -29,7 +29,9 @@ from .kernelspec import find_spec, list_remote_specs
 from .launcher import exit_code, kernel_end_or, log_to_stderr
 from .provisioner import settings_from_config
 from .signals import foreground_signals
-from .ssh import private_connection
+from .sites import site_for
+from .sites.slurm import job_kernels
+from .ssh import Connection, private_connection
 
 STOP_TIMEOUT = 20.0  # seconds for the remote stop (SIGTERM, then SIGKILL after 5 s)
 SHORT_ID = 8
@@ -125,22 +127,26 @@ def hosts_of(name: str | None) -> list[Host]:
 
 
 @contextlib.asynccontextmanager
-async def agent_session(
+async def connected_agent(
     settings: KernelSettings, on_hop: Callable[[int, float], None] | None = None
-) -> AsyncIterator[RemoteAgent]:
-    """A private connection to the target with the agent running; closed on exit."""
+) -> AsyncIterator[tuple[Connection, RemoteAgent]]:
+    """A private connection to the target with the agent running (and the connection, for
+    other commands on the host); closed on exit."""
     target, timeout = settings.target, settings.connect_timeout
     async with private_connection(target, timeout, settings.keepalive_interval, on_hop) as conn:
         assert conn.ssh is not None
         agent = await RemoteAgent.start(conn.ssh, settings.python, target.host.label, timeout, 0)
         conn.resources["agent"] = agent
-        yield agent
+        yield conn, agent
 
 
 async def _list(host: Host) -> None:
     """Fill ``host.kernels`` (or ``host.error``)."""
     try:
-        async with agent_session(host.settings) as agent:
+        async with connected_agent(host.settings) as (conn, agent):
+            if host.settings.slurm is not None:  # the kernels are in jobs, on nodes
+                host.kernels = await job_kernels(conn, host.settings)
+                return
             reply = await agent.request("list", reply_timeout=host.settings.connect_timeout)
         host.kernels = list(reply.get("kernels", []))
         host.machine = reply.get("host_id")
@@ -158,7 +164,7 @@ def distinct_kernels(hosts: list[Host]) -> list[Listed]:
     found: dict[tuple[Any, ...], Listed] = {}
     for host in hosts:
         for k in host.kernels:
-            key = (host.machine, str(k["kernel"]), k.get("pid"), k.get("dir"))
+            key = (host.machine, k.get("job"), str(k["kernel"]), k.get("pid"), k.get("dir"))
             listed = found.setdefault(key, Listed(k, host, []))
             listed.specs.extend(s for s in host.specs if s not in listed.specs)
     return list(found.values())
@@ -187,15 +193,21 @@ def run_ps(args: argparse.Namespace) -> int:
 
 
 def _print_table(kernels: list[Listed]) -> None:
-    table = [("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED")]
+    table = [("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED", "TIME LEFT")]
     now = time.time()
     for host, k in ((listed.host, listed.info) for listed in kernels):
         busy = k.get("busy")
         state = "?" if busy is None else "busy" if busy else "idle"
+        if k.get("pending"):
+            table.append((str(k["kernel"])[:SHORT_ID], "?", f"{host.label} (job {k['job']})",
+                          "-", f"queued ({k.get('reason')})", "0", "-", "-"))  # fmt: skip
+            continue
+        where = f"{k['node']} (job {k['job']})" if "job" in k else host.label
+        left = k.get("time_left")
         table.append((
-            str(k["kernel"])[:SHORT_ID], k.get("kernel_name") or "?", host.label,
+            str(k["kernel"])[:SHORT_ID], k.get("kernel_name") or "?", where,
             _duration(now - float(k.get("started", now))), state, str(k.get("attached", 0)),
-            _fate(k),
+            _fate(k), "-" if left is None else _duration(float(left)),
         ))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -258,15 +270,18 @@ def find_kernel(prefix: str, name: str | None) -> tuple[Host, str]:
 
 def run_stop(args: argparse.Namespace) -> int:
     host, kernel_id = find_kernel(args.id, args.name)
-    reply = asyncio.run(_stop(host, kernel_id))
-    print(f"Stopped kernel {kernel_id} on {host.label} (exit status {reply.get('status')}).")
+    how = asyncio.run(_stop(host, kernel_id))
+    print(f"Stopped kernel {kernel_id} on {host.label} ({how}).")
     return 0
 
 
-async def _stop(host: Host, kernel_id: str) -> dict[str, Any]:
-    async with agent_session(host.settings) as agent:
+async def _stop(host: Host, kernel_id: str) -> str:
+    settings = host.settings
+    target, timeout = settings.target, settings.connect_timeout
+    async with private_connection(target, timeout, settings.keepalive_interval) as conn:
         try:
-            return await agent.request("stop", reply_timeout=STOP_TIMEOUT, kernel=kernel_id)
+            site = site_for(kernel_id, settings, log)
+            return await asyncio.wait_for(site.stop_kernel(conn, kernel_id), STOP_TIMEOUT)
         except AgentError as exc:
             raise RemoteKernelError(f"cannot stop kernel {kernel_id}: {exc}") from None
         except (AgentLost, asyncio.TimeoutError):

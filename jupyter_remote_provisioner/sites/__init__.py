@@ -45,8 +45,9 @@ class Site(Protocol):
     async def release(self, conn: Connection) -> None:
         """Undo the place (the kernel is stopped or lost): cancel what holds resources."""
 
-    async def stop_kernel(self, conn: Connection, kernel_id: str) -> None:
-        """Stop the kernel given up during an outage, now that ``conn`` reaches the site."""
+    async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
+        """Stop the kernel (given up during an outage, or by `remote_kernel stop`); how it
+        ended, in a few words."""
 
 
 async def agent_for(

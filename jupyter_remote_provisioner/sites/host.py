@@ -29,8 +29,9 @@ class HostSite:
     async def release(self, conn: Connection) -> None:
         return None
 
-    async def stop_kernel(self, conn: Connection, kernel_id: str) -> None:
+    async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
         settings = self.settings
         agent = await agent_for(conn, settings.python, self.spot, settings.keepalive_interval)
         timeout = settings.connect_timeout + STOP_REPLY_SLACK
-        await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
+        reply = await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
+        return f"exit status {reply.get('status')}"

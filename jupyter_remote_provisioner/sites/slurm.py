@@ -15,12 +15,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..agent import bootstrap_input, remote_command
+from ..agent import RemoteAgent, bootstrap_input, remote_command
 from ..errors import KernelGone, LaunchError
 from . import Spot
-from .slurm_jobs import JobInfo, job_info, output_tail, remove_output, sbatch, scancel
+from .slurm_jobs import (
+    JobInfo,
+    job_info,
+    job_named,
+    our_jobs,
+    output_tail,
+    remove_output,
+    sbatch,
+    scancel,
+)
 
 if TYPE_CHECKING:
     from ..kernel_settings import KernelSettings
@@ -44,23 +53,30 @@ class SlurmSite:
         self._ended = ""  # why the job ended, once logged
         self._warnings: asyncio.Task[None] | None = None
 
-    def _spot(self, job: JobInfo) -> Spot:
+    @staticmethod
+    def spot_of(job: JobInfo) -> Spot:
+        """A running job's node, its agent reached by srun inside the job."""
         launcher = ("srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1",
                     "--quiet")  # fmt: skip
         label = f"{job.node} (Slurm job {job.job_id})"
         return Spot(label, "jobrelay", launcher, network=True)
 
     async def place(self, conn: Connection, renew: bool) -> Spot:
+        if self.job is None and not renew:  # attach from another process: find its job
+            self.job = await job_named(conn, JOB_PREFIX + self.kernel_id)
+            if self.job is None or not self.job.running:
+                self.job = None
+                raise KernelGone(f"no running Slurm job holds kernel {self.kernel_id}")
         if self.job is not None:
             info = await job_info(conn, self.job.job_id)
             if info is not None and info.running:
-                return self._spot(self.job)
+                return self.spot_of(self.job)
             reason = self._report_end(info)
             if not renew:
                 raise KernelGone(reason)
         self.job = await self._submit(conn)
         self._warnings = asyncio.ensure_future(self._warn_before_limit(self.job))
-        return self._spot(self.job)
+        return self.spot_of(self.job)
 
     async def _submit(self, conn: Connection) -> JobInfo:
         """Submit the kernel's job and wait (queue_timeout) until it runs; cancel it if
@@ -171,8 +187,38 @@ class SlurmSite:
             self.log.info("Cancelled Slurm job %d of kernel %s", job_id, self.kernel_id)
         await remove_output(conn, job_id)
 
-    async def stop_kernel(self, conn: Connection, kernel_id: str) -> None:
+    async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
+        if self.job is None:
+            self.job = await job_named(conn, JOB_PREFIX + kernel_id)
+            if self.job is None:
+                raise KernelGone(f"no Slurm job holds kernel {kernel_id}")
+        job_id = self.job.job_id
         await self.release(conn)
+        return f"its Slurm job {job_id} was cancelled"
+
+
+async def job_kernels(conn: Connection, settings: KernelSettings) -> list[dict[str, Any]]:
+    """The kernels in the user's kernel jobs, as their agents list them, with each one's
+    job, node, state and time left (a pending job: its kernel id and reason only)."""
+    found: list[dict[str, Any]] = []
+    for job in await our_jobs(conn, JOB_PREFIX):
+        where = {"job": job.job_id, "node": job.node, "job_state": job.state,
+                 "time_left": job.seconds_left(), "reason": job.reason}  # fmt: skip
+        if not job.running:
+            found.append({"kernel": job.name[len(JOB_PREFIX) :], "pending": True, **where})
+            continue
+        spot = SlurmSite.spot_of(job)
+        assert conn.ssh is not None
+        agent = await RemoteAgent.start(
+            conn.ssh, settings.python, spot.label, settings.connect_timeout, 0,
+            spot.agent_mode, spot.launcher,
+        )  # fmt: skip
+        try:
+            reply = await agent.request("list", reply_timeout=settings.connect_timeout)
+        finally:
+            await agent.close()
+        found.extend(dict(k, **where) for k in reply.get("kernels", []))
+    return found
 
 
 def _minutes(seconds: float) -> str:

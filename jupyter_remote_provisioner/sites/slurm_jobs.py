@@ -37,6 +37,7 @@ class JobInfo:
     """One job as ``scontrol show job`` tells it."""
 
     job_id: int
+    name: str
     state: str
     reason: str
     node: str  # the node the batch script runs on ("" while pending)
@@ -85,7 +86,7 @@ def parse_job(text: str) -> JobInfo | None:
         return None
     node = field("BatchHost") or field("NodeList")
     return JobInfo(
-        int(field("JobId")), field("JobState"), field("Reason"), "" if node == "(null)" else node,
+        int(field("JobId")), field("JobName"), field("JobState"), field("Reason"), "" if node == "(null)" else node,
         field("TimeLimit"), field("RunTime"), field("ExitCode"),
     )  # fmt: skip
 
@@ -111,7 +112,8 @@ async def run(conn: Connection, command: str, what: str, stdin: bytes | None = N
             f"(one where sbatch, squeue and scancel work in an SSH session)"
         )
     if result.exit_status != 0:
-        complaint = _complaint(_text(result.stderr)) or f"exit status {result.exit_status}"
+        said = _text(result.stderr) or stdout
+        complaint = _complaint(said) or f"exit status {result.exit_status}"
         raise LaunchError(f"Slurm on {login} refused {what}: {complaint}")
     return stdout
 
@@ -151,10 +153,37 @@ async def sbatch(conn: Connection, args: list[str], script: bytes) -> int:
     return int(job)
 
 
+async def test_only(conn: Connection, args: list[str]) -> str:
+    """What ``sbatch --test-only`` says of a request ("Job 12 to start at … on nodes n1 in
+    partition gpu"); a LaunchError with Slurm's reason if the request cannot run."""
+    quoted = " ".join(shlex.quote(arg) for arg in ["--test-only", *args])
+    said = await run(conn, f"sbatch {quoted} 2>&1", "the request", b"#!/bin/sh\ntrue\n")
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
+    return re.sub(r"^sbatch:\s*", "", lines[-1]) if lines else "accepted"
+
+
 async def job_info(conn: Connection, job_id: int) -> JobInfo | None:
     """The job as Slurm knows it; None once Slurm has forgotten it (MinJobAge after its end)."""
     command = f"scontrol show job -o {job_id} 2>&1 || true"
     return parse_job(await run(conn, command, "scontrol show job"))
+
+
+async def our_jobs(conn: Connection, prefix: str) -> list[JobInfo]:
+    """The user's jobs whose name starts with ``prefix``, as scontrol tells them."""
+    command = "squeue --me --noheader --format='%i %j' 2>&1"
+    listing = await run(conn, command, "squeue")
+    ids = [int(f[0]) for f in (line.split() for line in listing.splitlines())
+           if len(f) == 2 and f[0].isdigit() and f[1].startswith(prefix)]  # fmt: skip
+    infos = await asyncio.gather(*(job_info(conn, job) for job in ids))
+    return [info for info in infos if info is not None]
+
+
+async def job_named(conn: Connection, name: str) -> JobInfo | None:
+    """The user's active job called ``name``, if any."""
+    for info in await our_jobs(conn, name):
+        if info.name == name and info.active:
+            return info
+    return None
 
 
 async def scancel(conn: Connection, job_id: int) -> None:
