@@ -58,7 +58,7 @@ def test_only_the_login_node_is_reachable(slurm: SlurmCluster) -> None:
     probe = (
         "import socket,sys; [socket.create_connection((a, 6818), 5).close() for a in sys.argv[1:]]"
     )
-    res = slurm.run_on_login(["python3", "-c", probe, *slurm.node_addrs.values()])
+    res = slurm.run_on_login([sys.executable, "-c", probe, *slurm.node_addrs.values()])
     assert res.returncode == 0, res.stderr
 
 
@@ -99,7 +99,7 @@ async def _read_through_login(slurm: SlurmCluster, addr: str, port: int) -> byte
 def test_job_listener_is_reachable_only_through_the_login_node(slurm: SlurmCluster) -> None:
     script = slurm.job_dir / "listener.py"
     script.write_text(LISTENER)
-    jobid = submit(slurm, f"--wrap 'exec python3 {script}'")
+    jobid = submit(slurm, f"--wrap 'exec {sys.executable} {script}'")
     node = slurm.wait_running([jobid])[jobid]
     addr = slurm.node_addrs[node]
     with pytest.raises(OSError, match="No route to host"):
