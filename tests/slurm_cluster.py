@@ -74,7 +74,7 @@ class SlurmCluster:
         self.user = current_user()
         self._layout(0)
         self.dir = Path(tempfile.gettempdir(), f"{self.prefix}-unset")  # set by create()
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}  # daemons by log name
         self.sshd: SshServer | None = None
 
     def _layout(self, index: int) -> None:
@@ -184,9 +184,9 @@ class SlurmCluster:
                "netns", self.namespaces[node])  # fmt: skip
             ip("-n", login, "link", "set", outer, "master", bridge, "up")
             links.append((self.namespaces[node], inner, addr))
-        for ns, dev, addr in links:
-            where = ["-n", ns] if ns else []
-            ip(*where, "addr", "add", f"{addr}/24", "dev", dev)
+        for in_ns, dev, dev_addr in links:
+            where = ["-n", in_ns] if in_ns else []
+            ip(*where, "addr", "add", f"{dev_addr}/24", "dev", dev)
             ip(*where, "link", "set", dev, "up")
         subprocess.run(["nsenter", f"--net=/run/netns/{login}", "sysctl", "-qw",
                         "net.ipv4.ip_forward=0"], check=True, timeout=10)  # fmt: skip
@@ -206,10 +206,10 @@ class SlurmCluster:
 
     def _spawn(self, host: str, name: str, argv: list[str]) -> None:
         with (self.dir / "log" / f"{name}.out").open("ab") as out:
-            self.procs.append(subprocess.Popen(
+            self.procs[name] = subprocess.Popen(
                 self.enter(host, argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 env=self.env(), preexec_fn=_die_with_parent if _in_main_thread() else None,  # noqa: PLW1509
-            ))  # fmt: skip
+            )  # fmt: skip
 
     def _daemons(self) -> None:
         d = self.dir
@@ -227,7 +227,7 @@ class SlurmCluster:
 
     def _wait(self, what: str, predicate: Callable[[], bool], timeout: float) -> None:
         if not wait_until(predicate, timeout, interval=0.02):
-            dead = [p.args[-1] for p in self.procs if p.poll() is not None]
+            dead = [name for name, p in self.procs.items() if p.poll() is not None]
             raise RuntimeError(f"Slurm cluster: {what} not seen in {timeout} s "
                                f"(exited: {dead or 'none'})\n{self.logs()}")  # fmt: skip
 
@@ -350,7 +350,7 @@ class SlurmCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for proc in self.procs:  # reap our children
+        for proc in self.procs.values():  # reap our children
             proc.wait(timeout=5)
         self.procs.clear()
         if not wait_until(lambda: not any(_ns_pids(ns) for ns in alive), timeout=5):
