@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["kernel_fixtures", "agents"]
+pytest_plugins = ["kernel_fixtures", "agents", "slurm_cluster"]
 from netns import BASTION_ADDR, TARGET_ADDR, Topology
 from sshd import (
     SSHD,

@@ -147,8 +147,7 @@ class Topology:
         # Deleting a namespace deletes its veth ends, and with them the peers; be thorough.
         for dev in (self.root_veth, self.bastion_down_veth):
             ip("link", "delete", dev, check=False)
-        if not live_topologies(self.prefix):  # another run's namespaces still need it
-            ip("route", "delete", "unreachable", GUARD_ROUTE, check=False)
+        release_guard_route(self.prefix)
         atexit.unregister(self.destroy)
         if not wait_until(lambda: not _link_exists(self.root_veth), timeout=5):
             raise RuntimeError(f"veth {self.root_veth} could not be deleted")
@@ -161,9 +160,28 @@ def live_topologies(own: str) -> list[str]:
     return [f"jrp{p}" for p in sorted(pids) if f"jrp{p}" != own and os.path.exists(f"/proc/{p}")]
 
 
+def guard_users(own: str) -> list[str]:
+    """Prefixes of live namespaces in the guarded range other than ``own``: topologies
+    (``jrp<pid>b``, ``jrp<pid>t``) and Slurm clusters (``jrs<pid>l``, ``jrs<pid>n1``, ...)."""
+    names = ip("netns", "list", check=False).stdout
+    found = set(re.findall(r"\b(jr[ps])(\d+)(?:[bt]|l|n\d+)\b", names))
+    live = {f"{kind}{pid}" for kind, pid in found if os.path.exists(f"/proc/{pid}")}
+    return sorted(live - {own})
+
+
+def release_guard_route(own: str) -> None:
+    """Remove the guard route unless namespaces of another live owner still need it."""
+    if not guard_users(own):
+        ip("route", "delete", "unreachable", GUARD_ROUTE, check=False)
+
+
 def destroy_stale() -> None:
-    """Destroy topologies left by crashed runs: ``jrp<pid>`` names whose pid is gone."""
+    """Destroy namespaces left by crashed runs: ``jrp<pid>`` topologies and ``jrs<pid>`` Slurm
+    clusters whose pid is gone."""
     names = ip("netns", "list", check=False).stdout + ip("-o", "link", "show", check=False).stdout
     for pid in {int(p) for p in re.findall(r"\bjrp(\d+)(?:b|t|a0)\b", names)}:
         if not os.path.exists(f"/proc/{pid}"):
             Topology(f"jrp{pid}").destroy()
+    from slurm_cluster import destroy_stale_clusters  # here: slurm_cluster imports this module
+
+    destroy_stale_clusters()
