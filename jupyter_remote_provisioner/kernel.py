@@ -105,7 +105,10 @@ class RemoteKernel(Reconnecting):
             reply = await self._launch(session, env, where)
             await self._check_reach(reply)
         except BaseException as exc:
+            better = await self._explained(exc)
             await self.close(persist=False)
+            if better is not exc:
+                raise better from None
             if not stop_first:
                 raise
             # still unreachable: the old kernel is stopped when the host is back
@@ -130,6 +133,16 @@ class RemoteKernel(Reconnecting):
             time.monotonic() - started,
         )
         return self._connection_info(session, self.curve)
+
+    async def _explained(self, exc: BaseException) -> BaseException:
+        """A failed start, as the site explains it when it can (the Slurm job ended first)."""
+        conn = self._conn
+        if not isinstance(exc, RemoteKernelError) or conn is None or conn.lost.is_set():
+            return exc
+        try:
+            return await self.site.explain(conn, exc)
+        except RemoteKernelError:
+            return exc
 
     def _where(self) -> str:
         """The SSH chain, and the node behind it when the kernel does not run at its end."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from ..agent import RemoteAgent
+    from ..errors import RemoteKernelError
     from ..kernel_settings import KernelSettings
     from ..ssh import Connection
 
@@ -41,6 +42,9 @@ class Site(Protocol):
 
     async def ended(self, conn: Connection) -> str | None:
         """Why the place is gone for good (one line, also logged once), or None."""
+
+    async def explain(self, conn: Connection, error: RemoteKernelError) -> RemoteKernelError:
+        """A start's failure, or a better one line for it when the place explains it."""
 
     async def release(self, conn: Connection) -> None:
         """Undo the place (the kernel is stopped or lost): cancel what holds resources."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from . import Spot, agent_for
 
 if TYPE_CHECKING:
+    from ..errors import RemoteKernelError
     from ..kernel_settings import KernelSettings
     from ..ssh import Connection
 
@@ -25,6 +26,9 @@ class HostSite:
 
     async def ended(self, conn: Connection) -> str | None:
         return None
+
+    async def explain(self, conn: Connection, error: RemoteKernelError) -> RemoteKernelError:
+        return error
 
     async def release(self, conn: Connection) -> None:
         return None

@@ -18,10 +18,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..agent import RemoteAgent, bootstrap_input, remote_command
-from ..errors import KernelGone, LaunchError
+from ..errors import KernelGone, LaunchError, RemoteKernelError
 from . import Spot
 from .slurm_jobs import (
     JobInfo,
+    final_info,
     job_info,
     job_named,
     our_jobs,
@@ -38,6 +39,17 @@ if TYPE_CHECKING:
 POLL_PAUSES = (0.1, 2.0)  # seconds between looks at a pending job: first, then doubling
 CANCEL_WAIT = 10.0  # seconds a shutdown waits for a cancelled job to leave the queue
 WARN_BEFORE = (900, 300, 60, 20)  # seconds before the time limit to warn, when they fit
+# reasons a pending job gives when it can never start as asked
+NEVER = {
+    "PartitionConfig": "more than the partition's nodes or limits allow",
+    "PartitionNodeLimit": "more nodes than the partition allows",
+    "PartitionTimeLimit": "a longer time than the partition allows",
+    "BadConstraints": "constraints no node has",
+    "InvalidAccount": "an account that does not exist",
+    "InvalidQOS": "a QOS that does not exist",
+    "AccountNotAllowed": "an account the partition does not allow",
+    "QOSNotAllowed": "a QOS the partition does not allow",
+}
 JOB_PREFIX = "jrp-"  # job names: jrp-<kernel id>, which `ps` reads back
 
 
@@ -71,7 +83,7 @@ class SlurmSite:
             info = await job_info(conn, self.job.job_id)
             if info is not None and info.running:
                 return self.spot_of(self.job)
-            reason = self._report_end(info)
+            reason = self._report_end(await final_info(conn, self.job.job_id, CANCEL_WAIT))
             if not renew:
                 raise KernelGone(reason)
         self.job = await self._submit(conn)
@@ -113,23 +125,45 @@ class SlurmSite:
             if info is not None and info.running:
                 return info
             if info is None or not info.active:
-                tail = await output_tail(conn, job_id)
-                what = info.ending() if info else f"Slurm job {job_id} vanished"
-                raise LaunchError(f"{what} before the kernel started"
-                                  + (f"; its output: {tail}" if tail else ""))  # fmt: skip
+                raise await self._ended_early(conn, job_id, info)
+            if info.reason in NEVER:
+                raise LaunchError(
+                    f"Slurm job {job_id} cannot start as asked (reason: {info.reason}: "
+                    f"{NEVER[info.reason]}) and was cancelled; change the request "
+                    f"(`remote_kernel check` asks the cluster whether it accepts it)"
+                )
             news = f"{info.state} ({info.reason})"
             if news != said:
                 self.log.info("Kernel %s: queued as Slurm job %d (%s, reason: %s)",
                               self.kernel_id, job_id, info.state, info.reason)  # fmt: skip
                 said = news
-            if time.monotonic() + pause > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise LaunchError(
                     f"Slurm job {job_id} was still waiting after {self.request.queue_timeout:g} "
                     f"s (reason: {info.reason}) and was cancelled; raise slurm.queue_timeout, "
                     f"or ask for fewer resources or another partition"
                 )
-            await asyncio.sleep(pause)
+            await asyncio.sleep(min(pause, remaining))
             pause = min(2 * pause, POLL_PAUSES[1])
+
+    async def _ended_early(
+        self, conn: Connection, job_id: int, info: JobInfo | None
+    ) -> LaunchError:
+        """The job ended before its kernel started: how, and the end of its output."""
+        tail = await output_tail(conn, job_id)
+        what = info.ending() if info else f"Slurm job {job_id} vanished"
+        return LaunchError(f"{what} before the kernel started"
+                           + (f"; its output: {tail}" if tail else ""))  # fmt: skip
+
+    async def explain(self, conn: Connection, error: RemoteKernelError) -> RemoteKernelError:
+        if self.job is None:
+            return error
+        job_id = self.job.job_id
+        info = await final_info(conn, job_id, CANCEL_WAIT)
+        if info is not None and info.active:
+            return error
+        return await self._ended_early(conn, job_id, info)
 
     async def _warn_before_limit(self, job: JobInfo) -> None:
         """Warn in the log ahead of the time limit, when the kernel ends with the job."""
@@ -166,7 +200,7 @@ class SlurmSite:
         info = await job_info(conn, self.job.job_id)
         if info is not None and info.running:
             return None
-        return self._report_end(info)
+        return self._report_end(await final_info(conn, self.job.job_id, CANCEL_WAIT))
 
     async def release(self, conn: Connection) -> None:
         if self._warnings is not None:

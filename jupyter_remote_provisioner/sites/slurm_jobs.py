@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shlex
+import time
 from dataclasses import dataclass
 
 import asyncssh
@@ -166,6 +167,17 @@ async def job_info(conn: Connection, job_id: int) -> JobInfo | None:
     """The job as Slurm knows it; None once Slurm has forgotten it (MinJobAge after its end)."""
     command = f"scontrol show job -o {job_id} 2>&1 || true"
     return parse_job(await run(conn, command, "scontrol show job"))
+
+
+async def final_info(conn: Connection, job_id: int, timeout: float) -> JobInfo | None:
+    """The job once it has ended: Slurm shows an ending job as COMPLETING, and how it ended
+    (CANCELLED, TIMEOUT, ...) only when its processes are gone; waited for up to ``timeout``."""
+    deadline = time.monotonic() + timeout
+    info = await job_info(conn, job_id)
+    while info is not None and info.state == "COMPLETING" and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        info = await job_info(conn, job_id)
+    return info
 
 
 async def our_jobs(conn: Connection, prefix: str) -> list[JobInfo]:
