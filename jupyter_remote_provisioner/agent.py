@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from .errors import LaunchError
+from .remote.job import SESSION_PID
 
 if TYPE_CHECKING:
     from .ssh import Connection
@@ -95,7 +96,9 @@ def remote_command(python: str, mode: str = "relay", launcher: tuple[str, ...] =
     else:
         interpreter = shlex.quote(python)
     prefix = "".join(shlex.quote(arg) + " " for arg in launcher)
-    return f"exec {prefix}{interpreter} -c {shlex.quote(BOOTSTRAP % mode)}"
+    # through a launcher the agent runs elsewhere; it learns which sshd session it came from
+    session = f"{SESSION_PID}=$PPID " if launcher else ""
+    return f"{session}exec {prefix}{interpreter} -c {shlex.quote(BOOTSTRAP % mode)}"
 
 
 def start_failure(

@@ -31,6 +31,12 @@ class KernelSettings:
     connection_persist: float = 300.0
     slurm: SlurmRequest | None = None  # run in a Slurm job submitted through the host
 
+    @property
+    def on_network(self) -> bool:
+        """The kernel listens on a network address (a Slurm node's), not on loopback or
+        Unix sockets: it must encrypt."""
+        return self.slurm is not None
+
     def argv(self) -> list[str]:
         """The remote command: ``kernel_argv`` when given, else ipykernel on ``python``."""
         return list(self.kernel_argv) if self.kernel_argv else [self.python, *IPYKERNEL_ARGV]

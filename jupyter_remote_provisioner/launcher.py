@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from . import loop
-from .encryption import keys_of
+from .curve_bridge import CurveBridge
+from .encryption import keys_of, new_keys
 from .errors import ConfigError
 from .kernel import RemoteKernel
 from .kernelspec import PROVISIONER_NAME, provisioner_config, provisioner_of
@@ -116,7 +117,11 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_config(config)
     check_env(spec_env, "the kernelspec's env")
     log_to_stderr()
-    if settings.transport == "tcp" and "curve" not in connection.session:
+    if (
+        settings.transport == "tcp"
+        and "curve" not in connection.session
+        and not settings.on_network
+    ):
         log.warning(
             "warning: kernel traffic: unencrypted loopback tcp ports on %s: other users there "
             "can read every cell's code and output (the client's connection file has no Curve "
@@ -124,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
             settings.target.host.label,
         )
     kernel = RemoteKernel(str(uuid.uuid4()), settings, log)
-    return asyncio.run(_serve(kernel, connection, remote_env(spec_env, os.environ)))
+    bridge = None
+    if settings.on_network and "curve" not in connection.session:
+        # the kernel must encrypt, the client cannot: encrypt between us and the kernel
+        keys = new_keys()
+        connection.session.update(curve=keys, curve_required=True)
+        bridge = CurveBridge(keys)
+    return asyncio.run(_serve(kernel, connection, remote_env(spec_env, os.environ), bridge))
 
 
 def log_to_stderr() -> None:
@@ -133,12 +144,23 @@ def log_to_stderr() -> None:
     logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, str]) -> int:
-    """Start the kernel, relay signals to it until it ends or we are told to stop."""
+async def _serve(
+    kernel: RemoteKernel,
+    connection: Connection,
+    env: dict[str, str],
+    bridge: CurveBridge | None = None,
+) -> int:
+    """Start the kernel, relay signals to it until it ends or we are told to stop. With a
+    ``bridge``, the client's ports are the bridge's, and the kernel's forwards its own."""
     stop = asyncio.Event()
     loop.acquire()
     try:
-        await loop.call(kernel.start(connection.session, env, connection.ports))
+        if bridge is not None:
+            bridge.bind(connection.ports)
+            info = await loop.call(kernel.start(connection.session, env))
+            bridge.connect(info)
+        else:
+            await loop.call(kernel.start(connection.session, env, connection.ports))
         with foreground_signals(stop.set, interrupt=lambda: _interrupt(kernel)):
             ended = await kernel_end_or(kernel, stop)
             if not ended.done():
@@ -154,6 +176,8 @@ async def _serve(kernel: RemoteKernel, connection: Connection, env: dict[str, st
         try:
             await loop.call(kernel.close())
         finally:
+            if bridge is not None:
+                bridge.close()
             loop.release()
 
 

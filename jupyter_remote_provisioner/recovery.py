@@ -6,10 +6,13 @@ once its host answers again. A mixin of :class:`~.kernel.RemoteKernel`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
+
+import asyncssh
 
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of
@@ -21,7 +24,19 @@ from .ssh import Connection
 from .tunnel import KernelTunnel
 
 LOST = -1  # exit status reported when the kernel could not be reached again
+STALE_SESSION_TIMEOUT = 10.0  # seconds for ending the old session (one command)
 RECONNECT_PAUSES = (0.5, 5.0)  # seconds between reconnect attempts: first, then doubling to max
+
+
+async def end_stale_session(conn: Connection, pid: object) -> None:
+    """End our old sshd session on the host (still holding forwards of the dead link to a
+    kernel that runs elsewhere), as the agent does itself for kernels on the host."""
+    if not str(pid).isdigit():
+        return
+    assert conn.ssh is not None
+    command = f"ps -o comm= -p {pid} | grep -q '^sshd' && kill {pid}"
+    with contextlib.suppress(asyncssh.Error, OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(conn.ssh.run(command, check=False), STALE_SESSION_TIMEOUT)
 
 
 class Reconnecting:
@@ -155,6 +170,8 @@ class Reconnecting:
             agent.on_exit(self.kernel_id, None)
             raise
         self._note_agent()
+        for pid in reply.get("stale_sessions") or []:
+            await end_stale_session(conn, pid)
         self.tunnel.retarget(conn.ssh, reply["endpoints"], reply.get("ip"))
         return reply
 

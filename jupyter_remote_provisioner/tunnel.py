@@ -93,7 +93,7 @@ class KernelTunnel:
                 try:
                     server = await loop.create_server(partial(self._accept, name), LOOPBACK, wanted)
                 except OSError as exc:
-                    raise _bind_error(name, wanted, exc) from None
+                    raise bind_error(name, wanted, exc) from None
                 self._servers.append(server)
                 self.ports[name] = server.sockets[0].getsockname()[1]
         except BaseException:
@@ -143,7 +143,7 @@ class KernelTunnel:
         return {f"{name}_port": port for name, port in self.ports.items()}
 
 
-def _bind_error(channel: str, port: int, exc: OSError) -> LaunchError:
+def bind_error(channel: str, port: int, exc: OSError) -> LaunchError:
     """One line for a local listener that could not be bound."""
     where = f"{LOOPBACK} for the kernel's {channel} channel"
     if port:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -193,6 +194,7 @@ def test_reconnects_after_a_link_cut(slurm, slurm_spec):
         finally:
             slurm.restore_login()
         wait_for(lambda: driver.provisioner._kernel._recovery is None, 30, "the reconnect")
+        kc.wait_for_ready(timeout=30)  # as a client re-syncs (JupyterLab sends kernel_info)
         assert run_cell(kc, "print(x)")[0].strip() == "7"
         assert [j["id"] for j in our_jobs(slurm)] == [job["id"]], "the job kept running"
     finally:
@@ -200,9 +202,10 @@ def test_reconnects_after_a_link_cut(slurm, slurm_spec):
     assert our_jobs(slurm) == []
 
 
-def test_orphaned_kernel_ends_its_job(slurm, slurm_spec, kernels_dir):
-    """The VS Code launcher dies (kill -9): the kernel is reaped after orphan_timeout, and
-    its job ends with it."""
+def test_vscode_launcher_and_orphaned_job(slurm, slurm_spec, kernels_dir):
+    """VS Code's way (its own plain connection file, SIGINT to interrupt) reaches a kernel
+    that encrypts; then the launcher dies (kill -9): the kernel is reaped after
+    orphan_timeout, and its job ends with it."""
     name = slurm_spec(orphan_timeout=1)
     spec_dir = kernels_dir / name
     launcher = subprocess.Popen(
@@ -216,6 +219,15 @@ def test_orphaned_kernel_ends_its_job(slurm, slurm_spec, kernels_dir):
         kc.start_channels(hb=False)
         kc.wait_for_ready(timeout=60)  # as VS Code does, while the launcher starts the kernel
         assert run_cell(kc, WHERE)[0].split()[0] == our_jobs(slurm)[0]["id"]
+        out: list[str] = []
+        kc.execute_interactive(
+            "print('hello', input('name? '))", timeout=30, allow_stdin=True,
+            stdin_hook=lambda msg: kc.input("slurm"),
+            output_hook=lambda msg: out.append(msg["content"].get("text", "")),
+        )  # fmt: skip
+        assert "hello slurm" in "".join(out), "stdin reaches the client through the bridge"
+        reply = interrupt_sleeping_cell(kc, lambda: launcher.send_signal(signal.SIGINT))
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
     finally:
         kc.stop_channels()
         launcher.kill()

@@ -25,7 +25,7 @@ from .common import (
     user_name,
 )
 from .job import FIRST_CLIENT_GRACE as JOB_FIRST_CLIENT_GRACE
-from .job import job_root, remove_job_root
+from .job import SESSION_PID, job_root, remove_job_root
 from .ops import dispatch
 from .records import SELF
 from .table import (
@@ -85,11 +85,14 @@ def serve(sock):
 
 def disconnect(client):
     """The client is gone: orphan the kernels only it held, stop those due now, maybe exit."""
+    session = client.env.get(SESSION_PID)  # through srun (job.py)
     with LOCK:
         CLIENTS.discard(client)
         for k in KERNELS.values():
             if client in k.clients:
                 k.clients.discard(client)
+                if session:
+                    k.stale_sessions.add(session)
                 if not k.clients:
                     k.orphaned_at = time.monotonic()
     for k in reap():  # the channel closes once they are cleaned up, as in protocol 1

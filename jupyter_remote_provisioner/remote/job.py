@@ -7,6 +7,10 @@ another job or of plain SSH kernels on the same node; a relay started inside the
 the batch step's environment (the allocation's CUDA_VISIBLE_DEVICES and SLURM_* variables)
 and listen on the node's address toward the login node, where their forwards come from.
 The daemon exits once it has neither kernels nor clients, and with it the job ends.
+
+A client that lost its connection leaves forwards behind in its old sshd session on the login
+node, which a kernel's sockets would take for the client still there; the daemon cannot end
+that session (it runs on another machine), so it tells the reconnected client its pid.
 """
 
 import os
@@ -15,6 +19,7 @@ import socket
 
 from .common import AgentError, base_root, ensure_base_dir
 
+SESSION_PID = "JRP_SESSION_PID"  # a relay's sshd session on the login node (set by the client)
 FIRST_CLIENT_GRACE = 60.0  # seconds a job's daemon waits for the relay of its submitter
 
 

@@ -8,6 +8,7 @@ import time
 
 from .adopt import adopt_orphans
 from .common import AgentError, one_line
+from .job import SESSION_PID
 from .launch import CURVE_KEYS, op_launch
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STOP_GRACE, terminate_kernels
 
@@ -66,6 +67,12 @@ def op_attach(client, req):
     connection = {name: info.get(name) for name in names if name in info}
     reply = {"pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir, "endpoints": k.endpoints}
     reply["ip"] = k.ip
+    # through srun, the sshd sessions that hold stale forwards are on the login node (see
+    # job.py): the client ends them there
+    with LOCK:
+        sessions, k.stale_sessions = k.stale_sessions, set()
+    sessions.update(c.env[SESSION_PID] for c in stale if SESSION_PID in c.env)
+    reply["stale_sessions"] = sorted(sessions)
     return dict(reply, orphan_timeout=k.orphan_timeout, connection=connection)
 
 
