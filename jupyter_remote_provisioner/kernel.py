@@ -67,6 +67,10 @@ class RemoteKernel(Reconnecting):
         self._daemon_pid: int | None = None  # the agent daemon that runs the kernel
         self.site = site_for(kernel_id, settings, self.log)  # where it runs (sites/)
         self.spot: Spot | None = None
+        # seconds of each step of the last start: ssh, place (a Slurm job's submission and
+        # queue wait), agent (its hello), kernel (until it listens); for the log and bench/
+        self.phases: dict[str, float] = {}
+        self._phase_mark = 0.0
 
     @property
     def running(self) -> bool:
@@ -86,7 +90,8 @@ class RemoteKernel(Reconnecting):
         ``local_dir`` is the notebook's directory (default: ours), which ``path_map`` and
         ``upload`` are taken from. On a restart the connection and the local ports are reused.
         """
-        started = time.monotonic()
+        started = self._phase_mark = time.monotonic()
+        self.phases = {}
         settings = self.settings
         local_dir = local_dir or os.getcwd()
         where = placement(local_dir, settings.path_map, settings.cwd)
@@ -133,6 +138,11 @@ class RemoteKernel(Reconnecting):
             time.monotonic() - started,
         )
         return self._connection_info(session, self.curve)
+
+    def _phase(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._phase_mark
+        self._phase_mark = now
 
     async def _explained(self, exc: BaseException) -> BaseException:
         """A failed start, as the site explains it when it can (the Slurm job ended first)."""
@@ -199,7 +209,9 @@ class RemoteKernel(Reconnecting):
                 settings.target, settings.connect_timeout, settings.keepalive_interval
             )
             self.log.info("SSH connection to %s ready", settings.target.describe())
+        self._phase("ssh")
         self.spot = await self.site.place(self._conn, renew)
+        self._phase("place")
         self._agent = await agent_for(
             self._conn, settings.python, self.spot, settings.keepalive_interval
         )
@@ -275,7 +287,10 @@ class RemoteKernel(Reconnecting):
         )
         try:
             await self._agent_ready()
-            return await launch
+            self._phase("agent")
+            reply = await launch
+            self._phase("kernel")
+            return reply
         except LaunchError:
             # the launch fails remotely too (no python, no ipykernel): wait for that, so
             # that nothing of it is left when the connection closes

@@ -193,7 +193,9 @@ def run_ps(args: argparse.Namespace) -> int:
 
 
 def _print_table(kernels: list[Listed]) -> None:
-    table = [("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED", "TIME LEFT")]
+    table: list[tuple[str, ...]] = [
+        ("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED", "TIME LEFT")
+    ]
     now = time.time()
     for host, k in ((listed.host, listed.info) for listed in kernels):
         busy = k.get("busy")
@@ -209,6 +211,8 @@ def _print_table(kernels: list[Listed]) -> None:
             _duration(now - float(k.get("started", now))), state, str(k.get("attached", 0)),
             _fate(k), "-" if left is None else _duration(float(left)),
         ))  # fmt: skip
+    if not any("job" in listed.info for listed in kernels):  # no Slurm kernel: no time limit
+        table = [row[:-1] for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print(
