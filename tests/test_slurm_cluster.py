@@ -181,19 +181,6 @@ def test_cut_login_drops_the_link_and_restore_brings_it_back(slurm: SlurmCluster
     assert ssh(slurm, "hostname").stdout == "login\n"
 
 
-@pytest.mark.timeout(200)
-def test_time_limit_ends_the_job_as_timeout(slurm: SlurmCluster) -> None:
-    """SLOW: about 70 s (Slurm's smallest limit is a minute; slurmctld checks every 30 s)."""
-    start = time.monotonic()
-    jobid = submit(slurm, "--time=1 --wrap 'sleep 300'")
-    slurm.wait_running([jobid])
-    assert wait_until(lambda: slurm.job_state(jobid).get("JobState") == "TIMEOUT", 150, 0.5)
-    timed("a --time=1 job until TIMEOUT", start)
-    state = slurm.job_state(jobid)
-    assert (state["Reason"], state["TimeLimit"]) == ("TimeLimit", "00:01:00"), state
-    assert not slurm.squeue()
-
-
 def test_a_crashed_runs_cluster_is_removed_by_the_next(tmp_path: Path) -> None:
     code = ("import sys; sys.path.insert(0, 'tests'); from slurm_cluster import SlurmCluster; "
             "c = SlurmCluster().create(); print(c.dir, flush=True); sys.stdin.read()")  # fmt: skip
