@@ -21,26 +21,22 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import asyncssh
-
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
 from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
+from .launch_steps import LOG_TAIL_LINES, launch_failure, reach_error, upload
 from .pool import POOL
 from .recovery import Reconnecting
 from .signals import SIGKILL, SIGTERM
 from .sites import Spot, agent_for, site_for
 from .ssh import Connection
-from .sync_channel import SyncChannel, SyncError
-from .transfer import push
 from .tunnel import KernelTunnel
-from .workdir import Placement, placement, upload_targets
+from .workdir import Placement, placement
 
 log = logging.getLogger(__name__)
 
-LOG_TAIL_LINES = 6
 CLEAN_EXITS = (0, -SIGTERM, -SIGKILL)  # the remote host's numbers (POSIX)
 
 
@@ -105,7 +101,8 @@ class RemoteKernel(Reconnecting):
                 await self._stop_abandoned()
             if settings.upload:
                 await self._agent_ready()
-                await self._upload(local_dir, where.cwd)
+                assert self._conn is not None
+                await upload(self._conn, settings, local_dir, where.cwd, self.log)
             await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
             await self._check_reach(reply)
@@ -229,32 +226,6 @@ class RemoteKernel(Reconnecting):
                 f"to an interpreter that has it"
             )
 
-    async def _upload(self, local_dir: str, cwd: str | None) -> None:
-        """Copy the ``upload`` entries to the remote side (only what changed)."""
-        settings, started = self.settings, time.monotonic()
-        assert self._conn is not None and self._conn.ssh is not None
-        targets = upload_targets(settings.upload, local_dir, settings.path_map, cwd)
-        channel = await SyncChannel.open(self._conn.ssh, settings.python, settings.target.host)
-        copied = sent = unchanged = 0
-        try:
-            for (local, remote), entry in zip(targets, settings.upload):
-                try:
-                    result = await push(channel, local, remote)
-                except SyncError as exc:
-                    raise LaunchError(f"upload of {entry!r} failed: {exc}") from None
-                copied, sent = copied + len(result.copied), sent + result.bytes
-                unchanged += result.unchanged
-        finally:
-            await channel.close()
-        self.log.info(
-            "Uploaded %d file(s) (%d bytes) to %s in %.2f s; %d unchanged",
-            copied,
-            sent,
-            settings.target.host.alias,
-            time.monotonic() - started,
-            unchanged,
-        )
-
     async def _launch(
         self, session: Mapping[str, Any], env: Mapping[str, str], where: Placement
     ) -> dict[str, Any]:
@@ -301,7 +272,7 @@ class RemoteKernel(Reconnecting):
                 launch.exception()  # retrieved: the hello's failure is the one to report
             raise
         except AgentError as exc:
-            raise self._launch_failure(exc.reply) from None
+            raise launch_failure(exc.reply, self.settings) from None
         except (AgentLost, asyncio.TimeoutError) as exc:
             raise LaunchError(
                 f"lost the remote agent on {settings.target.host.label} while starting the "
@@ -312,25 +283,15 @@ class RemoteKernel(Reconnecting):
                 agent.on_exit(self.kernel_id, None)  # no kernel to watch (also after close())
 
     async def _check_reach(self, reply: Mapping[str, Any]) -> None:
-        """A kernel on another machine than the SSH host (a Slurm node): its ports must be
-        reachable from there, or every client would wait for nothing."""
+        """A kernel on another machine than the SSH host (a Slurm node) must be reachable
+        from there, or every client would wait for nothing."""
         if self.spot is None or not self.spot.network:
             return
-        assert self._conn is not None and self._conn.ssh is not None
-        ip, port = str(reply.get("ip")), int(reply["endpoints"]["hb"])
-        try:
-            _, session = await asyncio.wait_for(
-                self._conn.ssh.open_connection(ip, port), self.settings.connect_timeout
-            )
-            session.close()
-        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+        assert self._conn is not None
+        error = await reach_error(self._conn, self.spot.label, reply, self.settings)
+        if error is not None:
             await self._stop_abandoned()
-            raise LaunchError(
-                f"{self.settings.target.host.label} cannot reach the kernel's port {port} on "
-                f"{self.spot.label} at {ip}: {getattr(exc, 'reason', '') or exc or 'timeout'}; "
-                f"the login node must be allowed to connect to the nodes (and sshd there to "
-                f"forward TCP: AllowTcpForwarding)"
-            ) from None
+            raise error
 
     async def _stop_abandoned(self) -> None:
         """Stop the kernel given up during an outage under this id, if it still runs."""
@@ -338,23 +299,6 @@ class RemoteKernel(Reconnecting):
         with contextlib.suppress(AgentError):
             timeout = self.settings.connect_timeout + 10
             await self._agent.request("stop", reply_timeout=timeout, kernel=self.kernel_id)
-
-    def _launch_failure(self, reply: Mapping[str, Any]) -> LaunchError:
-        error = str(reply.get("error", "the kernel did not start"))
-        tail_lines = [line for line in str(reply.get("log_tail", "")).splitlines() if line.strip()]
-        tail = " | ".join(tail_lines[-LOG_TAIL_LINES:])
-        where = self.settings.target.host.label
-        if "No module named ipykernel" in tail:
-            python = self.settings.python
-            return LaunchError(
-                f"ipykernel is not installed for {python} on {where}; install it there with "
-                f"`{python} -m pip install ipykernel`"
-            )
-        if "did not start listening" in error:
-            error += " (raise launch_timeout if the kernel is slow to start)"
-        return LaunchError(
-            f"remote kernel on {where}: {error}" + (f"; its output: {tail}" if tail else "")
-        )
 
     def _on_exit(self, status: int | None, log_tail: str) -> None:
         if status is None:  # the agent's channel closed: the kernel runs on without us
