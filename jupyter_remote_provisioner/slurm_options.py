@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one more sbatch flag, e.g. --slurm-option=--exclusive; repeat for more",
     )
     group.add_argument(
+        "--slurm-job",
+        metavar="JOBID",
+        help="run the kernel in this allocation of yours (from salloc) instead of a new job",
+    )
+    group.add_argument(
         "--slurm-queue-timeout",
         type=float,
         metavar="SECONDS",
@@ -54,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         config["options"] = list(args.slurm_option)
     if args.slurm_queue_timeout is not None:
         config["queue_timeout"] = args.slurm_queue_timeout
+    if args.slurm_job is not None:
+        config["job"] = args.slurm_job
     if not config:
         return None
     return SlurmRequest.from_config(config, _flag).as_config()
@@ -68,6 +75,8 @@ def describe(request: SlurmRequest | None, login: str) -> list[str]:
     """``show``'s lines about where the kernel runs."""
     if request is None:
         return []
+    if request.job is not None:
+        return [f"slurm: in your allocation, Slurm job {request.job}, through {login}"]
     asked = ", ".join(f"{key}={value}" for key, value in request.values) or "the defaults"
     return [
         f"slurm: one job per kernel, submitted on {login}: {asked}",

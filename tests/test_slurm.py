@@ -70,6 +70,12 @@ def logged(lines: list[str], pattern: str) -> bool:
     return any(re.search(pattern, line) for line in lines)
 
 
+def reported_dead(driver: Driver, log_lines: list[str], reason: str, within: float) -> None:
+    """The kernel is reported dead within ``within`` s, and the log says ``reason``."""
+    wait_for(lambda: not driver.is_alive(), within, "the kernel to be reported dead")
+    wait_for(lambda: logged(log_lines, f"ended with its job: {reason}"), 10, "the reason")
+
+
 def our_jobs(slurm: SlurmCluster) -> list[dict[str, str]]:
     return [job for job in slurm.squeue() if job["name"].startswith("jrp-")]
 
@@ -155,9 +161,7 @@ def test_job_cancelled_from_outside(slurm, slurm_spec, log_lines):
         driver.start()
         (job,) = our_jobs(slurm)
         slurm.run_on_login(["scancel", job["id"]])
-        wait_for(lambda: not driver.is_alive(), 20, "the kernel to be reported dead")
-        wait_for(lambda: logged(log_lines, rf"ended with its job: Slurm job {job['id']} was "
-                                r"cancelled"), 10, "the reason in the log")  # fmt: skip
+        reported_dead(driver, log_lines, rf"Slurm job {job['id']} was cancelled", 20)
     finally:
         driver.close()
     assert our_jobs(slurm) == []
@@ -172,9 +176,8 @@ def test_time_limit_warns_then_ends_the_kernel(slurm, slurm_spec, log_lines):
         wait_for(lambda: logged(log_lines, rf"Slurm job {job['id']} of kernel \S+ reaches its "
                                 r"time limit \(00:01:00\) in 20 s"), 60, "the warning")  # fmt: skip
         assert driver.is_alive(), "warned ahead of the end"
-        wait_for(lambda: not driver.is_alive(), 60, "the kernel to end with its job")
-        wait_for(lambda: logged(log_lines, rf"Slurm job {job['id']} reached its time limit "
-                                r"\(00:01:00\)"), 10, "the reason in the log")  # fmt: skip
+        reported_dead(driver, log_lines, rf"Slurm job {job['id']} reached its time limit "
+                      r"\(00:01:00\)", 60)  # fmt: skip
     finally:
         driver.close()
     assert our_jobs(slurm) == []
@@ -304,3 +307,70 @@ def _connection_file(spec_dir: Path) -> Path:
 
     path, _ = write_connection_file(str(spec_dir / "connection.json"))
     return Path(path)
+
+
+def test_kernel_in_an_allocation_of_ones_own(slurm, slurm_spec):
+    """`job`: the user's own allocation (as from salloc) runs the kernel as a step; a restart
+    stays in it, and a shutdown leaves the allocation running."""
+    (allocation,) = [slurm.sbatch("-J", "mine", "-o", "/dev/null", "--wrap", "exec sleep 300")]
+    slurm.wait_running([allocation])
+    # connection_persist 0: the agent's channel closes with the kernel (else kept for 300 s)
+    driver = Driver("async", slurm_spec(slurm={"job": int(allocation)}, connection_persist=0))
+    try:
+        driver.start()
+        assert [j["name"] for j in slurm.squeue()] == ["mine"], "no job submitted"
+        kc = driver.client()
+        assert run_cell(kc, WHERE)[0].split()[0] == allocation
+        driver.restart()
+        assert run_cell(driver.client(), WHERE)[0].split()[0] == allocation
+        driver.shutdown()
+        assert slurm.job_state(allocation)["JobState"] == "RUNNING", "the allocation stays"
+        wait_for(lambda: _steps(slurm, allocation) == [], 15, "the agent's step to end")
+    finally:
+        driver.close()
+
+
+def test_allocation_that_is_not_running(slurm, slurm_spec):
+    driver = Driver("async", slurm_spec(slurm={"job": 999999}))
+    with pytest.raises(Exception) as failure:
+        driver.start()
+    assert str(failure.value) == (
+        "Slurm job 999999 is not running (unknown to Slurm); set slurm.job to a running "
+        "allocation of yours (`squeue --me` lists them), or leave it out to submit one"
+    )
+    driver.close()
+
+
+def _steps(slurm: SlurmCluster, job: str) -> list[str]:
+    """The job's steps other than its batch script."""
+    out = slurm.run_on_login(["squeue", "--steps", "--noheader", "--format=%i", "-j", job])
+    return [s for s in out.stdout.split() if not s.endswith((".batch", ".extern"))]
+
+
+def test_check_asks_the_cluster(slurm, slurm_spec):
+    good = rk("check", slurm_spec(slurm={"partition": "gpu", "gpus": 1}), check=False)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert re.search(r"\[ok\] +Slurm accepts the request \(sbatch --partition=gpu --gpus=1\): "
+                     r"Job \d+ to start at \S+ using 1 processors on nodes n\d in partition gpu",
+                     good.stdout), good.stdout  # fmt: skip
+    assert "encrypted with CurveZMQ; other users of the cluster cannot read it" in good.stdout
+    bad = rk("check", slurm_spec(slurm={"partition": "nope"}), check=False)
+    assert bad.returncode == 1
+    assert re.search(r"\[FAIL\] +Slurm on login .* refused the request: invalid partition "
+                     r"specified: nope$", bad.stdout, re.MULTILINE), bad.stdout  # fmt: skip
+    assert our_jobs(slurm) == [] and slurm.squeue() == [], "check submits nothing"
+
+
+def test_upload_reaches_the_node(slurm, slurm_spec, tmp_path):
+    """`upload` copies to the login node, whose file system the nodes share."""
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    work = tmp_path / "remote-work"
+    work.mkdir()
+    driver = Driver("async", slurm_spec(upload=["data.csv"], cwd=str(work)))
+    try:
+        driver.start(cwd=str(tmp_path))
+        out, _ = run_cell(driver.client(), "import socket; print(socket.gethostname(), "
+                                           "open('data.csv').read().split()[1])")  # fmt: skip
+        assert out.split() == [our_jobs(slurm)[0]["node"], "1,2"]
+    finally:
+        driver.close()

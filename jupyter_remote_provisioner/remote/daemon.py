@@ -233,6 +233,17 @@ def listen():
     return listener
 
 
+def answering(sock_name):
+    """Does a daemon listen on sock_name?"""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.closing(probe):
+        try:
+            probe.connect(sock_name)
+        except OSError:
+            return False
+    return True
+
+
 def socket_intact():
     """Is our socket still at its path (not removed by a tmp cleaner, nor replaced)?"""
     try:
@@ -251,14 +262,9 @@ def restore_socket(listener):
         with base_lock(daemon_files()[1], START_TIMEOUT):
             if socket_intact():
                 return listener
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.closing(probe):
-                try:
-                    probe.connect(daemon_files()[0])
-                except OSError:
-                    replaced = listen()
-                else:
-                    os._exit(0)  # hand over: no reaping, kernels and records stay
+            if answering(daemon_files()[0]):
+                os._exit(0)  # hand over: no reaping, kernels and records stay
+            replaced = listen()
     except (AgentError, OSError):
         return listener  # try again on the next round
     listener.close()
@@ -280,7 +286,13 @@ def daemon_main(job=False):
     os.chdir(STATE["agent_dir"])
     SELF.update(key=daemon_files()[0], pid=os.getpid(), start=process_start(os.getpid()))
     adopt_orphans()  # before the first client can ask for them
-    listener = listen()
+    if job:  # one daemon per job: a second start (an allocation shared by kernels) ends here
+        with base_lock(daemon_files()[1], START_TIMEOUT):
+            if answering(daemon_files()[0]):
+                os._exit(0)
+            listener = listen()
+    else:
+        listener = listen()
     threading.Thread(target=reaper, daemon=True).start()
     while True:
         try:

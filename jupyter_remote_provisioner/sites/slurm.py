@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from ..agent import RemoteAgent, bootstrap_input, remote_command
 from ..errors import KernelGone, LaunchError, RemoteKernelError
-from . import Spot
+from . import Spot, agent_for
+from .host import STOP_REPLY_SLACK
 from .slurm_jobs import (
     JobInfo,
     final_info,
+    in_job,
     job_info,
     job_named,
     our_jobs,
@@ -30,6 +32,7 @@ from .slurm_jobs import (
     remove_output,
     sbatch,
     scancel,
+    start_step_daemon,
 )
 
 if TYPE_CHECKING:
@@ -68,12 +71,12 @@ class SlurmSite:
     @staticmethod
     def spot_of(job: JobInfo) -> Spot:
         """A running job's node, its agent reached by srun inside the job."""
-        launcher = ("srun", f"--jobid={job.job_id}", "--overlap", "--nodes=1", "--ntasks=1",
-                    "--quiet")  # fmt: skip
         label = f"{job.node} (Slurm job {job.job_id})"
-        return Spot(label, "jobrelay", launcher, network=True)
+        return Spot(label, "jobrelay", in_job(job.job_id), network=True)
 
     async def place(self, conn: Connection, renew: bool) -> Spot:
+        if self.request.job is not None:
+            return await self._place_in_allocation(conn, self.request.job, renew)
         if self.job is None and not renew:  # attach from another process: find its job
             self.job = await job_named(conn, JOB_PREFIX + self.kernel_id)
             if self.job is None or not self.job.running:
@@ -89,6 +92,26 @@ class SlurmSite:
         self.job = await self._submit(conn)
         self._warnings = asyncio.ensure_future(self._warn_before_limit(self.job))
         return self.spot_of(self.job)
+
+    async def _place_in_allocation(self, conn: Connection, job_id: int, renew: bool) -> Spot:
+        """The user's own allocation (salloc): it must run; the agent's daemon is started as
+        a step of it (a second start ends at once: one daemon per job)."""
+        info = await job_info(conn, job_id)
+        if info is None or not info.running:
+            if self.job is not None:  # it ran this kernel, and has ended since
+                reason = self._report_end(await final_info(conn, job_id, CANCEL_WAIT))
+                if not renew:
+                    raise KernelGone(reason)
+            state = info.state if info is not None else "unknown to Slurm"
+            raise LaunchError(
+                f"Slurm job {job_id} is not running ({state}); set slurm.job to a running "
+                f"allocation of yours (`squeue --me` lists them), or leave it out to submit one"
+            )
+        if self.job is None:
+            self._warnings = asyncio.ensure_future(self._warn_before_limit(info))
+        self.job = info
+        await start_step_daemon(conn, job_id, self.settings.python)
+        return self.spot_of(info)
 
     async def _submit(self, conn: Connection) -> JobInfo:
         """Submit the kernel's job and wait (queue_timeout) until it runs; cancel it if
@@ -206,7 +229,7 @@ class SlurmSite:
         if self._warnings is not None:
             self._warnings.cancel()
         job, self.job = self.job, None
-        if job is not None:
+        if job is not None and self.request.job is None:  # the user's allocation stays
             await self._cancel(conn, job.job_id)
 
     async def _cancel(self, conn: Connection, job_id: int) -> None:
@@ -222,6 +245,12 @@ class SlurmSite:
         await remove_output(conn, job_id)
 
     async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
+        if self.request.job is not None:  # in the user's allocation: stop the kernel alone
+            spot = await self.place(conn, renew=False)
+            agent = await agent_for(conn, self.settings.python, spot, 0)
+            timeout = self.settings.connect_timeout + STOP_REPLY_SLACK
+            reply = await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
+            return f"exit status {reply.get('status')}"
         if self.job is None:
             self.job = await job_named(conn, JOB_PREFIX + kernel_id)
             if self.job is None:
@@ -235,7 +264,12 @@ async def job_kernels(conn: Connection, settings: KernelSettings) -> list[dict[s
     """The kernels in the user's kernel jobs, as their agents list them, with each one's
     job, node, state and time left (a pending job: its kernel id and reason only)."""
     found: list[dict[str, Any]] = []
-    for job in await our_jobs(conn, JOB_PREFIX):
+    jobs = await our_jobs(conn, JOB_PREFIX)
+    allocation = settings.slurm.job if settings.slurm is not None else None
+    if allocation is not None and allocation not in {job.job_id for job in jobs}:
+        info = await job_info(conn, allocation)
+        jobs += [info] if info is not None and info.running else []
+    for job in jobs:
         where = {"job": job.job_id, "node": job.node, "job_state": job.state,
                  "time_left": job.seconds_left(), "reason": job.reason}  # fmt: skip
         if not job.running:

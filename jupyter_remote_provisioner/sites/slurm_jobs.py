@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import asyncssh
 
+from ..agent import bootstrap_input, remote_command
 from ..errors import ConnectError, LaunchError
 from ..ssh import Connection
 
@@ -161,6 +162,23 @@ async def test_only(conn: Connection, args: list[str]) -> str:
     said = await run(conn, f"sbatch {quoted} 2>&1", "the request", b"#!/bin/sh\ntrue\n")
     lines = [line.strip() for line in said.splitlines() if line.strip()]
     return re.sub(r"^sbatch:\s*", "", lines[-1]) if lines else "accepted"
+
+
+def in_job(job_id: int) -> tuple[str, ...]:
+    """The argv prefix that runs a command as one more step of the job, beside the others."""
+    return ("srun", f"--jobid={job_id}", "--overlap", "--nodes=1", "--ntasks=1", "--quiet")
+
+
+async def start_step_daemon(conn: Connection, job_id: int, python: str) -> None:
+    """Start the agent's daemon in an allocation as a step of its own, detached from this
+    SSH session (srun stays on the login node for the step's life); it reads its bundle from
+    a file that is gone before the step starts."""
+    step = remote_command(python, "jobdaemon", in_job(job_id))
+    command = (
+        'f=$(mktemp) && cat > "$f" && exec 3<"$f" && rm -f "$f" && '
+        f"(setsid sh -c {shlex.quote(step)} <&3 >/dev/null 2>&1 &)"
+    )
+    await run(conn, command, "srun (the agent's daemon)", bootstrap_input())
 
 
 async def job_info(conn: Connection, job_id: int) -> JobInfo | None:

@@ -21,7 +21,7 @@ FLAGS = {
     "qos": "--qos",
     "constraint": "--constraint",
 }
-KEYS = (*FLAGS, "options", "queue_timeout")
+KEYS = (*FLAGS, "options", "queue_timeout", "job")
 DEFAULT_QUEUE_TIMEOUT = 3600.0  # seconds a kernel start waits for its job to leave the queue
 WHERE = "metadata.kernel_provisioner.config.slurm"
 
@@ -33,6 +33,7 @@ class SlurmRequest:
     values: tuple[tuple[str, str], ...] = ()  # (key, value) for the keys of FLAGS
     options: tuple[str, ...] = ()  # more sbatch flags, each one argument
     queue_timeout: float = DEFAULT_QUEUE_TIMEOUT
+    job: int | None = None  # an allocation of the user's own (salloc) to run the kernel in
 
     @classmethod
     def from_config(
@@ -59,7 +60,16 @@ class SlurmRequest:
         number = isinstance(queue_timeout, (int, float)) and not isinstance(queue_timeout, bool)
         if not number or queue_timeout <= 0:
             raise ConfigError(f"{name('queue_timeout')} must be a number of seconds > 0")
-        return cls(values, tuple(options), float(queue_timeout))
+        job = config.get("job")
+        if job is not None:
+            if isinstance(job, bool) or not str(job).isdigit():
+                raise ConfigError(f"{name('job')} must be a Slurm job id, e.g. 1234")
+            if values or options or "queue_timeout" in config:
+                raise ConfigError(f"{name('job')} runs the kernel in an allocation you made "
+                                  f"(salloc); leave out the requests, the allocation has "
+                                  f"its resources already")  # fmt: skip
+            job = int(job)
+        return cls(values, tuple(options), float(queue_timeout), job)
 
     def sbatch_args(self) -> list[str]:
         """The flags of the request, one argument each."""
@@ -76,6 +86,8 @@ class SlurmRequest:
             config["options"] = list(self.options)
         if self.queue_timeout != DEFAULT_QUEUE_TIMEOUT:
             config["queue_timeout"] = self.queue_timeout
+        if self.job is not None:
+            config["job"] = self.job
         return config
 
 
