@@ -18,8 +18,9 @@ from jupyter_client.blocking.client import BlockingKernelClient
 
 from drivers import Driver
 from kernel_fixtures import PYTHON, _spec_factory
-from kernels import interrupt_sleeping_cell, rk, run_cell, wait_for
+from kernels import interrupt_sleeping_cell, rk, run_cell, wait_for, write_spec
 from slurm_cluster import SlurmCluster
+from sshd import SshServer
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -374,3 +375,27 @@ def test_upload_reaches_the_node(slurm, slurm_spec, tmp_path):
         assert out.split() == [our_jobs(slurm)[0]["node"], "1,2"]
     finally:
         driver.close()
+
+
+def test_host_without_slurm(ssh_env, tmp_path, kernels_dir):
+    """A `host` that is no login node (no sbatch on its PATH): one line, nothing started."""
+    server = SshServer(tmp_path / "sshd", Path(f"{ssh_env.identity_file}.pub"),
+                       session_env={"PATH": "/usr/local/nothing:/nothing"})  # fmt: skip
+    server.start()
+    try:
+        known_hosts = tmp_path / "known_hosts"
+        known_hosts.write_text(server.known_hosts_line())
+        config = {"host": f"{ssh_env.user}@127.0.0.1:{server.port}", "ssh_config": None,
+                  "identity_file": str(ssh_env.identity_file), "known_hosts": str(known_hosts),
+                  "python": PYTHON, "slurm": {}}  # fmt: skip
+        name = write_spec(kernels_dir, "no_slurm_here", config, metadata=CURVE)
+        driver = Driver("async", name)
+        with pytest.raises(Exception) as failure:
+            driver.start()
+        assert str(failure.value) == (
+            f"sbatch was not found on 127.0.0.1:{server.port}: `host` must be a Slurm login "
+            f"node (one where sbatch, squeue and scancel work in an SSH session)"
+        )
+        driver.close()
+    finally:
+        server.close()
