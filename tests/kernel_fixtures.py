@@ -20,6 +20,7 @@ _names = itertools.count(1)
 # The remote side is this machine; sessions have sshd's plain PATH (see remote_session_env),
 # whose python3 may lack ipykernel, so specs name this interpreter.
 PYTHON = sys.executable
+CURVE_DECLARED = {"supported_encryption": ["curve"]}  # a kernelspec's metadata
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -97,6 +98,19 @@ def jump_spec(topology, kernels_dir: Path, request: pytest.FixtureRequest) -> Ca
     """Kernelspecs for the network-namespace target behind the bastion."""
     base = {"host": "gpu", "ssh_config": str(topology.ssh_config), "python": PYTHON}
     return _spec_factory(kernels_dir, request, base)
+
+
+@pytest.fixture
+def slurm_spec(slurm: Any, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
+    """``slurm_spec(slurm={...}, **config)``: a Curve-declaring kernelspec for the login node."""
+    base = {"host": slurm.alias, "ssh_config": str(slurm.ssh_config), "python": PYTHON,
+            "slurm": {}}  # fmt: skip
+    make = _spec_factory(kernels_dir, request, base)
+
+    def spec(**config: Any) -> str:
+        return make(metadata=CURVE_DECLARED, **config)
+
+    return spec
 
 
 @pytest.fixture(autouse=True)

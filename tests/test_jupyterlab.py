@@ -402,3 +402,21 @@ def test_lab_shows_start_failure(lab: LabServer, page, remote_spec, remote_tmp: 
     dialog.get_by_role("button", name="Ok").click()
     expect(dialog).to_have_count(0)
     remote_side_clean(remote_tmp)
+
+
+def test_lab_runs_a_kernel_on_a_slurm_node(lab: LabServer, page, slurm, slurm_spec):
+    """Pick a Slurm kernelspec: the kernel runs in its own job on a compute node, and shutting
+    it down from the Kernel menu ends the job."""
+    spec = slurm_spec(slurm={"gpus": 1})
+    shot = Shots(page, 31)
+    where = "import os, socket\nprint(os.environ['SLURM_JOB_ID'], socket.gethostname())"
+    notebook = write_notebook(lab.root / f"{spec}.ipynb", [where])
+    open_and_pick(page, lab, notebook, spec, shot)
+    expect(kernel_status(page)).to_have_attribute("data-status", "idle", timeout=START)
+    (job,) = [j for j in slurm.squeue() if j["name"].startswith("jrp-")]
+    cell = run_cell(page, 0)
+    expect(cell.locator(".jp-OutputArea-output")).to_have_text(f"{job['id']} {job['node']}\n")
+    shot("ran-on-a-node")
+    kernel_menu(page, re.compile(r"^Shut Down Kernel"))
+    expect(page.locator(".jp-NotebookPanel .jp-KernelName")).to_have_text("No Kernel")
+    wait_for(lambda: not slurm.squeue(), 20, "the kernel's job to end")

@@ -9,16 +9,16 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from drivers import Driver
-from kernel_fixtures import PYTHON, _spec_factory
+from kernel_fixtures import CURVE_DECLARED, PYTHON
 from kernels import interrupt_sleeping_cell, rk, run_cell, wait_for, write_spec
+from notebooks import code, read_notebook, script, stdout_of, write_notebook
 from slurm_cluster import SlurmCluster
 from sshd import SshServer
 
@@ -28,22 +28,6 @@ WHERE = (
     "import os, socket; print(os.environ['SLURM_JOB_ID'], socket.gethostname(), "
     "os.environ.get('CUDA_VISIBLE_DEVICES'), os.getpid())"
 )
-CURVE = {"supported_encryption": ["curve"]}
-
-
-@pytest.fixture
-def slurm_spec(
-    slurm: SlurmCluster, kernels_dir: Path, request: pytest.FixtureRequest
-) -> Callable[..., str]:
-    """``slurm_spec(slurm={...}, **config)``: a Curve-declaring kernelspec for the login node."""
-    base = {"host": slurm.alias, "ssh_config": str(slurm.ssh_config), "python": PYTHON,
-            "slurm": {}}  # fmt: skip
-    make = _spec_factory(kernels_dir, request, base)
-
-    def spec(**config: Any) -> str:
-        return make(metadata=CURVE, **config)
-
-    return spec
 
 
 @pytest.fixture
@@ -388,7 +372,7 @@ def test_host_without_slurm(ssh_env, tmp_path, kernels_dir):
         config = {"host": f"{ssh_env.user}@127.0.0.1:{server.port}", "ssh_config": None,
                   "identity_file": str(ssh_env.identity_file), "known_hosts": str(known_hosts),
                   "python": PYTHON, "slurm": {}}  # fmt: skip
-        name = write_spec(kernels_dir, "no_slurm_here", config, metadata=CURVE)
+        name = write_spec(kernels_dir, "no_slurm_here", config, metadata=CURVE_DECLARED)
         driver = Driver("async", name)
         with pytest.raises(Exception) as failure:
             driver.start()
@@ -399,3 +383,17 @@ def test_host_without_slurm(ssh_env, tmp_path, kernels_dir):
         driver.close()
     finally:
         server.close()
+
+
+def test_jupyter_execute(slurm, slurm_spec, tmp_path):
+    notebook = write_notebook(tmp_path / "job.ipynb", code(WHERE))
+    proc = subprocess.run(
+        [script("jupyter"), "execute", f"--kernel_name={slurm_spec(slurm={'gpus': 1})}",
+         str(notebook), "--output=out", "--timeout=60", "--startup_timeout=120"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job_id, hostname, gpus, _ = stdout_of(read_notebook(tmp_path / "out.ipynb").cells[0]).split()
+    assert hostname in slurm.nodes and gpus == "0"
+    assert slurm.job_state(job_id)["JobState"] in ("CANCELLED", "COMPLETED"), "the job ended"
+    assert our_jobs(slurm) == []
