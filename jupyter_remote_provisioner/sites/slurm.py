@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from ..kernel_settings import KernelSettings
     from ..ssh import Connection
 
-POLL_PAUSES = (0.1, 2.0)  # seconds between looks at a pending job: first, then doubling
+# seconds between looks at a pending job: often while a start is likely (slurmctld schedules
+# about every second), then doubling up to a pause that spares slurmctld over long waits
+POLL_FAST, POLL_FAST_FOR, POLL_MAX = 0.2, 5.0, 5.0
 CANCEL_WAIT = 10.0  # seconds a shutdown waits for a cancelled job to leave the queue
 WARN_BEFORE = (900, 300, 60, 20)  # seconds before the time limit to warn, when they fit
 # reasons a pending job gives when it can never start as asked
@@ -142,7 +144,7 @@ class SlurmSite:
 
     async def _wait_running(self, conn: Connection, job_id: int) -> JobInfo:
         deadline = time.monotonic() + self.request.queue_timeout
-        pause, said = POLL_PAUSES[0], ""
+        pause, said, fast_until = POLL_FAST, "", time.monotonic() + POLL_FAST_FOR
         while True:
             info = await job_info(conn, job_id)
             if info is not None and info.running:
@@ -168,7 +170,8 @@ class SlurmSite:
                     f"or ask for fewer resources or another partition"
                 )
             await asyncio.sleep(min(pause, remaining))
-            pause = min(2 * pause, POLL_PAUSES[1])
+            if time.monotonic() > fast_until:
+                pause = min(2 * pause, POLL_MAX)
 
     async def _ended_early(
         self, conn: Connection, job_id: int, info: JobInfo | None
