@@ -101,8 +101,12 @@ def jump_spec(topology, kernels_dir: Path, request: pytest.FixtureRequest) -> Ca
 
 
 @pytest.fixture
-def slurm_spec(slurm: Any, kernels_dir: Path, request: pytest.FixtureRequest) -> Callable[..., str]:
-    """``slurm_spec(slurm={...}, **config)``: a Curve-declaring kernelspec for the login node."""
+def slurm_spec(
+    slurm: Any, kernels_dir: Path, request: pytest.FixtureRequest, no_leftovers: Leftovers
+) -> Callable[..., str]:
+    """``slurm_spec(slurm={...}, **config)``: a Curve-declaring kernelspec for the login node.
+    What the test leaves behind (processes, job dirs, sockets, threads) fails it, checked
+    before the cluster is cleaned for the next test."""
     base = {"host": slurm.alias, "ssh_config": str(slurm.ssh_config), "python": PYTHON,
             "slurm": {}}  # fmt: skip
     make = _spec_factory(kernels_dir, request, base)

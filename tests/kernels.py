@@ -246,6 +246,11 @@ def remote_agent_files(remote_tmp: Path) -> list[str]:
     return sorted(os.listdir(agent_dir)) if agent_dir.exists() else []
 
 
+def remote_job_dirs(remote_tmp: Path) -> list[str]:
+    """The private roots of Slurm jobs' daemons (gone once the daemon exits)."""
+    return sorted(p.name for p in remote_tmp.glob(f"jupyter-remote-{os.getuid()}-slurm*"))
+
+
 def own_threads() -> set[str]:
     """This process's threads, by name and identity (a new thread with an old name counts)."""
     return {f"{t.name}#{t.ident}" for t in threading.enumerate()}
@@ -282,6 +287,7 @@ class Leftovers:
                 "remote processes": remote_processes(self.remote_tmp),
                 "remote kernel dirs": remote_kernel_dirs(self.remote_tmp),
                 "remote agent files": remote_agent_files(self.remote_tmp),
+                "remote job dirs": remote_job_dirs(self.remote_tmp),
             }
             return {k: v for k, v in items.items() if v}
 

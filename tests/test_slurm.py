@@ -276,13 +276,17 @@ def test_ps_shows_job_node_and_time_left(slurm, slurm_spec):
     ],
     ids=["unknown-partition", "never-satisfiable", "beyond-partition", "job-fails-first"],
 )
-def test_start_errors(slurm, slurm_spec, slurm_request, python, expected):
+def test_start_errors(slurm, slurm_spec, slurm_request, python, expected, remote_session_env):
     driver = Driver("async", slurm_spec(slurm=slurm_request, python=python))
+    began = time.monotonic()
     with pytest.raises(Exception) as failure:
         driver.start()
     message = str(failure.value)
     assert "\n" not in message and re.fullmatch(expected, message), message
+    assert time.monotonic() - began < 15, "at once, not after a timeout"
     assert our_jobs(slurm) == []
+    outputs = Path(remote_session_env["HOME"], ".cache", "jupyter-remote-provisioner")
+    assert not list(outputs.glob("slurm-*.out")), "the job's output is removed once read"
     driver.close()
 
 

@@ -25,7 +25,7 @@ from .common import (
     user_name,
 )
 from .job import FIRST_CLIENT_GRACE as JOB_FIRST_CLIENT_GRACE
-from .job import SESSION_PID, job_root, remove_job_root
+from .job import SESSION_PID, job_root, remove_job_files
 from .ops import dispatch
 from .records import SELF
 from .table import (
@@ -198,7 +198,7 @@ def maybe_exit():
 def leave():
     """Exit now; a job's daemon first removes its private root (the job ends with it)."""
     if STATE.get("job"):
-        remove_job_root()
+        remove_job_files()
     os._exit(0)
 
 

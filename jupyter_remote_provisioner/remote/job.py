@@ -13,6 +13,7 @@ node, which a kernel's sockets would take for the client still there; the daemon
 that session (it runs on another machine), so it tells the reconnected client its pid.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -35,10 +36,20 @@ def job_root():
     return ensure_base_dir(base_root(), "-slurm" + job_id())
 
 
-def remove_job_root():
-    """The daemon is leaving: nothing of the job stays in the node's temp dir."""
+def remove_job_files():
+    """The daemon is leaving: nothing of the job stays, neither in the node's temp dir nor
+    its output file (our sbatch names it .../jupyter-remote-provisioner/slurm-<id>.out; the
+    client reads it only when the job fails before its daemon runs)."""
     shutil.rmtree(os.path.join(base_root(), f"jupyter-remote-{os.getuid()}-slurm{job_id()}"),
                   ignore_errors=True)  # fmt: skip
+    try:
+        output = os.readlink("/proc/self/fd/1")
+    except OSError:
+        return
+    head, name = os.path.split(output)
+    if name == f"slurm-{job_id()}.out" and os.path.basename(head) == "jupyter-remote-provisioner":
+        with contextlib.suppress(OSError):
+            os.unlink(output)
 
 
 def address_toward(peer):

@@ -69,6 +69,7 @@ class SlurmSite:
         self.job: JobInfo | None = None
         self._ended = ""  # why the job ended, once logged
         self._warnings: asyncio.Task[None] | None = None
+        self._explaining: asyncio.Future[str | None] | None = None  # see _gone
 
     @staticmethod
     def spot_of(job: JobInfo) -> Spot:
@@ -88,9 +89,8 @@ class SlurmSite:
             info = await job_info(conn, self.job.job_id)
             if info is not None and info.running:
                 return self.spot_of(self.job)
-            reason = self._report_end(await final_info(conn, self.job.job_id, CANCEL_WAIT))
-            if not renew:
-                raise KernelGone(reason)
+            self._gone(conn, renew)
+            self._report_end(await final_info(conn, self.job.job_id, CANCEL_WAIT))
         self.job = await self._submit(conn)
         self._warnings = asyncio.ensure_future(self._warn_before_limit(self.job))
         return self.spot_of(self.job)
@@ -101,9 +101,8 @@ class SlurmSite:
         info = await job_info(conn, job_id)
         if info is None or not info.running:
             if self.job is not None:  # it ran this kernel, and has ended since
-                reason = self._report_end(await final_info(conn, job_id, CANCEL_WAIT))
-                if not renew:
-                    raise KernelGone(reason)
+                self._gone(conn, renew)
+                self._report_end(await final_info(conn, job_id, CANCEL_WAIT))
             state = info.state if info is not None else "unknown to Slurm"
             raise LaunchError(
                 f"Slurm job {job_id} is not running ({state}); set slurm.job to a running "
@@ -114,6 +113,16 @@ class SlurmSite:
         self.job = info
         await start_step_daemon(conn, job_id, self.settings.python)
         return self.spot_of(info)
+
+    def _gone(self, conn: Connection, renew: bool) -> None:
+        """The job ended under its kernel: on a reconnect (not ``renew``), say so at once,
+        while Slurm's own reason (known once the job has stopped COMPLETING) is logged as
+        soon as it is known."""
+        if renew:
+            return
+        assert self.job is not None
+        self._explaining = asyncio.ensure_future(self.ended(conn))
+        raise KernelGone(f"Slurm job {self.job.job_id} has ended")
 
     async def _submit(self, conn: Connection) -> JobInfo:
         """Submit the kernel's job and wait (queue_timeout) until it runs; cancel it if
