@@ -65,7 +65,6 @@ class SlurmSite:
         assert settings.slurm is not None
         self.kernel_id, self.settings, self.log = kernel_id, settings, log
         self.request = settings.slurm
-        self.login = settings.target.host.label
         self.job: JobInfo | None = None
         self._ended = ""  # why the job ended, once logged
         self._warnings: asyncio.Task[None] | None = None
