@@ -65,6 +65,19 @@ async def agent_for(
     return await shared_agent(conn, python, spot.label, keepalive_interval, mode, launcher)
 
 
+STOP_REPLY_SLACK = 10.0  # seconds beyond connect_timeout for the agent's stop (SIGTERM, SIGKILL)
+
+
+async def stop_through_agent(
+    conn: Connection, settings: KernelSettings, spot: Spot, kernel_id: str
+) -> str:
+    """Ask the spot's agent to stop ``kernel_id``; how it ended, in a few words."""
+    agent = await agent_for(conn, settings.python, spot, settings.keepalive_interval)
+    timeout = settings.connect_timeout + STOP_REPLY_SLACK
+    reply = await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
+    return f"exit status {reply.get('status')}"
+
+
 def site_for(kernel_id: str, settings: KernelSettings, log: logging.Logger) -> Site:
     """The site of a kernel's settings: a Slurm job when ``slurm`` is set, else the host."""
     if settings.slurm is not None:

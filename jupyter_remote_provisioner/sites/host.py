@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import Spot, agent_for
+from . import Spot, stop_through_agent
 
 if TYPE_CHECKING:
     from ..errors import RemoteKernelError
     from ..kernel_settings import KernelSettings
     from ..ssh import Connection
-
-STOP_REPLY_SLACK = 10.0  # seconds beyond connect_timeout for the agent's stop (SIGTERM, SIGKILL)
 
 
 class HostSite:
@@ -34,8 +32,4 @@ class HostSite:
         return None
 
     async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
-        settings = self.settings
-        agent = await agent_for(conn, settings.python, self.spot, settings.keepalive_interval)
-        timeout = settings.connect_timeout + STOP_REPLY_SLACK
-        reply = await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
-        return f"exit status {reply.get('status')}"
+        return await stop_through_agent(conn, self.settings, self.spot, kernel_id)

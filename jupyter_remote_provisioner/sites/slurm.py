@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..agent import RemoteAgent, bootstrap_input, remote_command
 from ..errors import KernelGone, LaunchError, RemoteKernelError
-from . import Spot, agent_for
-from .host import STOP_REPLY_SLACK
+from . import Spot, stop_through_agent
 from .slurm_jobs import (
     JobInfo,
     final_info,
@@ -258,10 +257,7 @@ class SlurmSite:
     async def stop_kernel(self, conn: Connection, kernel_id: str) -> str:
         if self.request.job is not None:  # in the user's allocation: stop the kernel alone
             spot = await self.place(conn, renew=False)
-            agent = await agent_for(conn, self.settings.python, spot, 0)
-            timeout = self.settings.connect_timeout + STOP_REPLY_SLACK
-            reply = await agent.request("stop", reply_timeout=timeout, kernel=kernel_id)
-            return f"exit status {reply.get('status')}"
+            return await stop_through_agent(conn, self.settings, spot, kernel_id)
         if self.job is None:
             self.job = await job_named(conn, JOB_PREFIX + kernel_id)
             if self.job is None:
