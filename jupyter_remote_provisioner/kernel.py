@@ -21,9 +21,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import asyncssh
+
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of, usable_keys
 from .errors import LaunchError, RemoteKernelError
+from .kernel_ports import KernelPorts
 from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
 from .launch_steps import LOG_TAIL_LINES, launch_failure, reach_error, upload
@@ -32,7 +35,6 @@ from .recovery import Reconnecting
 from .signals import SIGKILL, SIGTERM
 from .sites import Spot, agent_for, site_for
 from .ssh import Connection
-from .tunnel import KernelTunnel
 from .workdir import Placement, placement
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class RemoteKernel(Reconnecting):
         self.kernel_id = kernel_id
         self.settings = settings
         self.log = logger or log
-        self.tunnel = KernelTunnel()
+        self.ports = KernelPorts(self.log)  # what the client connects to
         self.exit_status: int | None = None
         self.pid: int | None = None
         self._conn: Connection | None = None
@@ -103,9 +105,9 @@ class RemoteKernel(Reconnecting):
                 await self._agent_ready()
                 assert self._conn is not None
                 await upload(self._conn, settings, local_dir, where.cwd, self.log)
-            await self.tunnel.open(ports)
             reply = await self._launch(session, env, where)
             await self._check_reach(reply)
+            await self._open_ports(reply, ports, session)
         except BaseException as exc:
             better = await self._explained(exc)
             await self.close(persist=False)
@@ -126,7 +128,7 @@ class RemoteKernel(Reconnecting):
         self._note_agent()
         self._exited.clear()
         assert self._conn is not None and self._conn.ssh is not None
-        self.tunnel.retarget(self._conn.ssh, reply["endpoints"], reply.get("ip"))
+        self._retarget(self._conn.ssh, reply)
         self.log.info(
             "Remote kernel %s started on %s (pid %s) in %.2f s",
             self.kernel_id,
@@ -135,6 +137,19 @@ class RemoteKernel(Reconnecting):
             time.monotonic() - started,
         )
         return self._connection_info(session, self.curve)
+
+    async def _open_ports(
+        self, reply: Mapping[str, Any], ports: Mapping[str, int] | None, session: Mapping[str, Any]
+    ) -> None:
+        """Listen for the client; a port taken stops the new kernel."""
+        try:
+            await self.ports.open(reply, ports, self.curve, session)
+        except LaunchError:
+            await self._stop_abandoned()
+            raise
+
+    def _retarget(self, ssh: asyncssh.SSHClientConnection, reply: Mapping[str, Any]) -> None:
+        self.ports.retarget(ssh, reply, self.curve)
 
     def _phase(self, name: str) -> None:
         now = time.monotonic()
@@ -165,7 +180,7 @@ class RemoteKernel(Reconnecting):
         return {
             "transport": "tcp",
             "ip": "127.0.0.1",
-            **self.tunnel.connection_info(),
+            **self.ports.connection_info(),
             "key": session.get("key", ""),
             "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
             "kernel_name": session.get("kernel_name", ""),
@@ -248,6 +263,7 @@ class RemoteKernel(Reconnecting):
                 transport=settings.transport,
                 timeout=settings.launch_timeout,
                 orphan_timeout=settings.orphan_timeout,
+                output_buffer=max(1, int(settings.output_buffer * (1 << 20))),
                 connection={
                     "key": key.decode() if isinstance(key, bytes) else key,
                     "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
@@ -389,7 +405,7 @@ class RemoteKernel(Reconnecting):
         if self._agent is not None:
             self._agent.on_exit(self.kernel_id, None)
             self._agent = None
-        await self.tunnel.close()
+        await self.ports.close()
         conn, self._conn = self._conn, None
         if conn is None:
             return

@@ -29,6 +29,7 @@ class KernelSettings:
     reconnect_timeout: float = 600.0
     orphan_timeout: float | None = 600.0
     connection_persist: float = 300.0
+    output_buffer: float = 64.0  # MiB of output kept for a client that is away
     slurm: SlurmRequest | None = None  # run in a Slurm job submitted through the host
 
     @property

@@ -117,8 +117,16 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         600.0,
         allow_none=True,
         config=True,
-        help="Seconds a kernel runs on remotely with no client connected before it is "
-        "stopped; null keeps it until stopped (remote_kernel stop).",
+        help="Seconds a kernel runs on remotely with no client connected and no cell running "
+        "before it is stopped (a busy kernel is kept); null keeps it until stopped "
+        "(remote_kernel stop).",
+    )
+    output_buffer = Float(
+        64.0,
+        config=True,
+        help="MiB of the kernel's output the remote side keeps for a client that is away "
+        "(network down, laptop asleep, server restarted); beyond it the oldest is dropped, "
+        "and the client is told how much.",
     )
 
     connection_persist = Float(
@@ -143,7 +151,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "host", "jump", "python", "kernel_argv", "env", "cwd", "path_map", "upload",
         "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
-        "reconnect_timeout", "orphan_timeout", "connection_persist", "slurm",
+        "reconnect_timeout", "orphan_timeout", "connection_persist", "slurm", "output_buffer",
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
@@ -193,6 +201,10 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             floor = "> 0" if key in self.POSITIVE else ">= 0"
             if not (value > 0 if key in self.POSITIVE else value >= 0):
                 raise ConfigError(f"{key} must be a number of seconds {floor}, not {value:g}")
+        if not self.output_buffer > 0:
+            raise ConfigError(
+                f"output_buffer must be a number of MiB > 0, not {self.output_buffer:g}"
+            )
 
     # -- settings ----------------------------------------------------------------------
 
@@ -226,6 +238,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             reconnect_timeout=self.reconnect_timeout,
             orphan_timeout=self.orphan_timeout,
             connection_persist=self.connection_persist,
+            output_buffer=self.output_buffer,
             slurm=slurm,
         )
 

@@ -17,11 +17,11 @@ import asyncssh
 from .agent import AgentError, AgentLost, RemoteAgent
 from .encryption import keys_of
 from .errors import KernelGone, RemoteKernelError
+from .kernel_ports import KernelPorts
 from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
 from .sites import Site
 from .ssh import Connection
-from .tunnel import KernelTunnel
 
 LOST = -1  # exit status reported when the kernel could not be reached again
 STALE_SESSION_TIMEOUT = 10.0  # seconds for ending the old session (one command)
@@ -46,7 +46,7 @@ class Reconnecting:
     kernel_id: str
     settings: KernelSettings
     log: logging.Logger
-    tunnel: KernelTunnel
+    ports: KernelPorts
     pid: int | None
     exit_status: int | None
     curve: dict[str, str]
@@ -74,6 +74,9 @@ class Reconnecting:
     def _connection_info(
         self, session: Mapping[str, Any], curve: Mapping[str, str]
     ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _retarget(self, ssh: asyncssh.SSHClientConnection, reply: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
     async def _recover(self) -> None:
@@ -127,8 +130,11 @@ class Reconnecting:
         """Take hold of a kernel this package already runs on the target (kept, or held by
         another client): forward to it and return connection info with its session key."""
         try:
-            await self.tunnel.open(ports)
             reply = await self._reattach()
+            connection = reply.get("connection") or {}
+            await self.ports.open(reply, ports, self.curve, connection)
+            assert self._conn is not None and self._conn.ssh is not None
+            self._retarget(self._conn.ssh, reply)  # now that the listeners are there
         except AgentError as exc:
             await self.close(keep_kernel=True, persist=False)
             if "exited" in exc.reply:
@@ -144,16 +150,13 @@ class Reconnecting:
             await self.close(keep_kernel=True, persist=False)
             raise
         self.pid, self.exit_status, self._running = reply.get("pid"), None, True
-        connection = reply.get("connection") or {}
-        self.curve = keys_of(connection)
         return self._connection_info(connection, self.curve)
 
     async def _reattach(self) -> dict[str, Any]:
         """One attempt: a live connection and agent, ownership of the kernel, the forwards."""
         replaces = None
         if self._conn is not None and self._conn.lost.is_set():
-            self.tunnel.retarget(None, {})  # refuse clients until we are back
-            self.tunnel.drop_connections()  # streams of the dead link: clients reconnect
+            self.ports.refuse()  # until we are back; clients reconnect then
             replaces = self._agent_client  # its remote end may linger: the daemon ends it
         await self._connect()
         agent, conn = self._agent, self._conn
@@ -172,7 +175,8 @@ class Reconnecting:
         self._note_agent()
         for pid in reply.get("stale_sessions") or []:
             await end_stale_session(conn, pid)
-        self.tunnel.retarget(conn.ssh, reply["endpoints"], reply.get("ip"))
+        self.curve = keys_of(reply.get("connection") or {})
+        self._retarget(conn.ssh, reply)
         return reply
 
     def _note_agent(self) -> None:

@@ -44,8 +44,10 @@ def register(subparsers: Any) -> None:
         "ps",
         help="list the kernels running on the hosts of remote kernelspecs",
         description="List the kernels this package runs on the host of kernelspec NAME (or of "
-        "every remote kernelspec): id, kernelspec, age, busy/idle (from CPU use), clients "
-        "attached, and when an unattended kernel will be stopped (orphan_timeout).",
+        "every remote kernelspec): id, kernelspec, age, busy or idle and for how long (from "
+        "the kernel's status messages), its last output, the clients attached, how long it "
+        "has been unattended, and when it will be stopped if unattended (orphan_timeout, "
+        "counted once it is both unattended and idle).",
     )
     ps.add_argument("name", nargs="?", help="a kernelspec's slug or display name")
     ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -194,21 +196,21 @@ def run_ps(args: argparse.Namespace) -> int:
 
 def _print_table(kernels: list[Listed]) -> None:
     table: list[tuple[str, ...]] = [
-        ("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "CLIENTS", "IF UNATTENDED", "TIME LEFT")
-    ]
+        ("ID", "KERNELSPEC", "HOST", "AGE", "STATE", "LAST OUTPUT", "CLIENTS", "UNATTENDED",
+         "IF UNATTENDED", "TIME LEFT")
+    ]  # fmt: skip
     now = time.time()
     for host, k in ((listed.host, listed.info) for listed in kernels):
-        busy = k.get("busy")
-        state = "?" if busy is None else "busy" if busy else "idle"
         if k.get("pending"):
             table.append((str(k["kernel"])[:SHORT_ID], "?", f"{host.label} (job {k['job']})",
-                          "-", f"queued ({k.get('reason')})", "0", "-", "-"))  # fmt: skip
+                          "-", f"queued ({k.get('reason')})", "-", "0", "-", "-", "-"))  # fmt: skip
             continue
         where = f"{k['node']} (job {k['job']})" if "job" in k else host.label
-        left = k.get("time_left")
+        left, orphaned = k.get("time_left"), k.get("orphaned_for")
         table.append((
             str(k["kernel"])[:SHORT_ID], k.get("kernel_name") or "?", where,
-            _duration(now - float(k.get("started", now))), state, str(k.get("attached", 0)),
+            _duration(now - float(k.get("started", now))), _state(k), _ago(k.get("quiet_for")),
+            str(k.get("attached", 0)), "-" if orphaned is None else _duration(float(orphaned)),
             _fate(k), "-" if left is None else _duration(float(left)),
         ))  # fmt: skip
     if not any("job" in listed.info for listed in kernels):  # no Slurm kernel: no time limit
@@ -220,14 +222,31 @@ def _print_table(kernels: list[Listed]) -> None:
         )
 
 
+def _state(kernel: dict[str, Any]) -> str:
+    """busy/idle (from the kernel's own status messages) and for how long."""
+    state, since = kernel.get("state"), kernel.get("state_for")
+    if not state:
+        return "?"
+    return state if since is None else f"{state} {_duration(float(since))}"
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{_duration(float(seconds))} ago"
+
+
 def _fate(kernel: dict[str, Any]) -> str:
-    """What happens to the kernel when no client holds it."""
+    """What happens to the kernel when no client holds it: the orphan_timeout counts from
+    when it is both unattended and idle."""
     timeout, orphaned = kernel.get("orphan_timeout"), kernel.get("orphaned_for")
     if timeout is None:
         return "kept"
+    if kernel.get("state") == "busy":
+        return f"kept while busy, stopped {_duration(float(timeout))} after"
     if orphaned is None:
         return f"stopped {_duration(float(timeout))} after"
-    return f"stopped in {_duration(max(0.0, float(timeout) - float(orphaned)))}"
+    idle_for = kernel.get("state_for") if kernel.get("state") == "idle" else None
+    waited = float(orphaned) if idle_for is None else min(float(orphaned), float(idle_for))
+    return f"stopped in {_duration(max(0.0, float(timeout) - waited))}"
 
 
 def _duration(seconds: float) -> str:

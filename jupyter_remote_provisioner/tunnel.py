@@ -82,13 +82,16 @@ class KernelTunnel:
         self._endpoints: dict[str, Endpoint] = {}
         self._host = LOOPBACK
 
-    async def open(self, ports: Mapping[str, int] | None = None) -> dict[str, int]:
-        """Bind the listeners on 127.0.0.1: the given ports (launcher mode) or ephemeral ones."""
+    async def open(
+        self, ports: Mapping[str, int] | None = None, channels: tuple[str, ...] = CHANNELS
+    ) -> dict[str, int]:
+        """Bind the listeners of ``channels`` on 127.0.0.1: the given ports (launcher mode)
+        or ephemeral ones. Once bound, they stay."""
         if self._servers:
             return self.ports
         loop = asyncio.get_running_loop()
         try:
-            for name in CHANNELS:
+            for name in channels:
                 wanted = ports.get(f"{name}_port", 0) if ports else 0
                 try:
                     server = await loop.create_server(partial(self._accept, name), LOOPBACK, wanted)
@@ -139,8 +142,8 @@ class KernelTunnel:
         self._conn, self._endpoints, self.ports = None, {}, {}
 
     def connection_info(self) -> dict[str, int]:
-        """``shell_port`` … ``control_port`` as jupyter_client names them."""
-        return {f"{name}_port": port for name, port in self.ports.items()}
+        """``shell_port`` … ``control_port`` as jupyter_client names them (those we have)."""
+        return {f"{name}_port": port for name, port in self.ports.items() if name in CHANNELS}
 
 
 def bind_error(channel: str, port: int, exc: OSError) -> LaunchError:

@@ -230,6 +230,17 @@ def remote_processes(remote_tmp: Path) -> list[str]:
     return found
 
 
+FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}  # outages noticed within seconds
+DAEMON_MARK = 'AGENT_MODE":"daemon'  # in the remote agent daemon's command line
+RELAY_MARK = 'AGENT_MODE":"relay'  # in the command line of a relay (one per agent channel)
+
+
+def relays(remote_tmp: Path) -> list[str]:
+    """The remote relays (one per agent channel) still running: the daemon ends a client's
+    relay when it drops the client."""
+    return [p for p in remote_processes(remote_tmp) if RELAY_MARK in p]
+
+
 def remote_kernels(remote_tmp: Path) -> list[int]:
     """Pids of the kernels running on the test hosts."""
     return [int(p.split()[0]) for p in remote_processes(remote_tmp) if "ipykernel" in p]

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,20 +24,20 @@ import pytest
 from jupyter_remote_provisioner.errors import RemoteKernelError
 
 from drivers import Driver
-from kernels import remote_kernels, remote_processes, run_cell, wait_for, wait_for_async
+from kernels import (
+    DAEMON_MARK,
+    FAST,
+    relays,
+    remote_kernels,
+    remote_processes,
+    run_cell,
+    wait_for,
+    wait_for_async,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
-FAST = {"keepalive_interval": 1.0, "connect_timeout": 3.0}
 SLOW_CELL = "import time; time.sleep(4); y = x + 1"
-DAEMON_MARK = 'AGENT_MODE":"daemon'  # in the remote agent daemon's command line
-RELAY_MARK = 'AGENT_MODE":"relay'  # in the command line of a relay (one per agent channel)
-
-
-def relays(remote_tmp: Path) -> list[str]:
-    """The remote relays (one per agent channel) still running: the daemon ends a client's
-    relay when it drops the client."""
-    return [p for p in remote_processes(remote_tmp) if RELAY_MARK in p]
 
 
 async def until_running(kc: Any, msg_id: str) -> None:

@@ -4,13 +4,15 @@ orphan rules apply; it stops kernels that never finished starting and removes th
 kernels that are gone."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import threading
 
-from .common import Adopted, killpg, process_alive
-from .launch import watch
+from .common import Adopted, AgentError, killpg, process_alive
+from .keeper import available as can_keep
+from .launch import start_keeper, watch
 from .records import SELF, read_record, write_record
 from .table import KERNELS, LOCK, STATE, USED_PORTS, Kernel
 
@@ -68,7 +70,22 @@ def adopt(kdir, rec):
             return
         KERNELS[k.kid] = k
         USED_PORTS.update(ports)
+    keep_again(k, rec)
     with contextlib.suppress(OSError):
         write_record(k)  # now ours
     k.announced.set()
     threading.Thread(target=watch, args=(k,), daemon=True).start()
+
+
+def keep_again(k, rec):
+    """The dead daemon kept the kernel's messages: keep them again at the same endpoint
+    (what the kernel sent between the two daemons is lost)."""
+    keep_at = rec.get("keeper")
+    if keep_at is None or not can_keep():
+        return
+    try:
+        with open(os.path.join(k.dir, "connection.json")) as f:
+            conn = json.load(f)
+        start_keeper(k, keep_at, conn, rec.get("output_buffer"))
+    except (OSError, ValueError, AgentError):
+        pass  # its clients reach the kernel's own sockets

@@ -102,15 +102,6 @@ def stat_fields(pid):
         return None
 
 
-def cpu_seconds(pid):
-    """User + system CPU seconds of pid so far (Linux /proc); None where unknown."""
-    fields = stat_fields(pid)
-    try:
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (TypeError, ValueError, IndexError):
-        return None
-
-
 def parent_pid(pid):
     """The parent of pid (Linux /proc), or None."""
     try:

@@ -17,7 +17,6 @@ from .common import (
     AgentError,
     base_lock,
     base_root,
-    cpu_seconds,
     daemon_files,
     ensure_base_dir,
     ipykernel_version,
@@ -41,7 +40,6 @@ from .table import (
 )
 
 REAP_INTERVAL = 0.5
-BUSY_CPU = 0.2  # share of one CPU above which a kernel counts as busy
 FIRST_CLIENT_GRACE = 10.0  # seconds a new daemon waits for its first client
 ADOPT_EVERY = 4  # reaper rounds between looks for kernels of a daemon that died
 SOCKET_CHECK = 1.0  # seconds between checks that our socket is still there
@@ -102,13 +100,15 @@ def disconnect(client):
 
 
 def reap():
-    """Stop the orphaned kernels whose orphan_timeout has passed; forget old exits."""
+    """Stop the orphaned kernels whose orphan_timeout has passed since they were both
+    unattended and idle (a kernel running a cell is never reaped); forget old exits."""
     now = time.monotonic()
     with LOCK:
         due = [
             k for k in KERNELS.values()
             if not k.clients and not k.stopping and k.orphan_timeout is not None
-            and now - k.orphaned_at >= k.orphan_timeout
+            and not k.activity.busy
+            and now - max(k.orphaned_at, k.activity.idle_mono) >= k.orphan_timeout
         ]  # fmt: skip
         for k in due:
             k.stopping = True
@@ -132,27 +132,12 @@ def drop_silent_clients():
         client.close()  # its serve() loop ends and disconnects it
 
 
-def sample_cpu():
-    """Note which kernels used CPU since the last round (the `busy` of the list op)."""
-    now = time.monotonic()
-    with LOCK:
-        kernels = list(KERNELS.values())
-    for k in kernels:
-        used = cpu_seconds(k.proc.pid)
-        if used is None:
-            k.busy = None
-        elif k.cpu is not None:
-            k.busy = (used - k.cpu[1]) / max(now - k.cpu[0], 1e-3) > BUSY_CPU
-        k.cpu = None if used is None else (now, used)
-
-
 def reaper():
     rounds = 0
     while True:
         time.sleep(REAP_INTERVAL)
         rounds += 1
         drop_silent_clients()
-        sample_cpu()
         if rounds % ADOPT_EVERY == 0:
             adopt_orphans()  # kernels of a daemon that died, also with no client asking
         reap()

@@ -23,6 +23,8 @@ from .common import (
     remedy,
 )
 from .job import address_toward
+from .keeper import Keeper
+from .keeper import available as can_keep
 from .records import write_record
 from .table import CLIENTS, EXITED, KERNELS, LOCK, STATE, USED_PORTS, Kernel, release
 
@@ -66,7 +68,7 @@ def tcp_listening(ip, port):
 
 def check_launch(req):
     """Validate a launch request; returns (kid, argv, env, conn, transport, cwd, timeout,
-    orphan_timeout)."""
+    orphan_timeout, output_buffer)."""
     kid, argv, env = req.get("kernel"), req.get("argv"), req.get("env") or {}
     conn, transport = req.get("connection"), req.get("transport", "ipc")
     if not isinstance(kid, str) or not kid:
@@ -94,6 +96,9 @@ def check_launch(req):
     timeout = req.get("timeout", 60.0)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise AgentError("launch_timeout must be a number of seconds > 0")
+    kept = req.get("output_buffer")
+    if kept is not None and (isinstance(kept, bool) or not isinstance(kept, int) or kept < 1):
+        raise AgentError("output_buffer must be a number of bytes >= 1")
     cwd = from_home(req.get("cwd") or "~")
     if os.path.exists(cwd) and not os.path.isdir(cwd):
         raise AgentError(f"remote working directory {cwd} is not a directory")
@@ -104,7 +109,7 @@ def check_launch(req):
             raise AgentError(f"cannot create remote working directory {cwd}: {e.strerror}")
     if not os.path.isdir(cwd):
         raise AgentError(f"remote working directory {cwd} does not exist")
-    return kid, argv, env, conn, transport, cwd, float(timeout), orphan
+    return kid, argv, env, conn, transport, cwd, float(timeout), orphan, kept
 
 
 def files_error(e):
@@ -141,9 +146,10 @@ def tcp_address(client):
     return address_toward(client.env.get("SLURM_LAUNCH_NODE_IPADDR"))
 
 
-def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
-    """Make the kernel dir and connection file, start the kernel, write its record (so that a
-    later daemon can find it); returns (Kernel, endpoints)."""
+def spawn(client, kid, argv, env, conn, transport, cwd, orphan, kept):
+    """Make the kernel dir and connection file, start the kernel and its iopub keeper, write
+    its record (so that a later daemon can find it); returns (Kernel, the kernel's own
+    endpoints)."""
     kdir, ports, k = kernel_dir(kid), [], None
     try:
         if transport == "ipc":
@@ -151,10 +157,12 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
             endpoints = {ch: f"{ip}-{p}" for ch, p in by_channel.items()}
             if len(endpoints["shell"]) > 100:  # AF_UNIX paths are limited to ~107 bytes
                 raise AgentError(f"ipc socket path {endpoints['shell']} is too long")
+            keep_at = f"{ip}-kept" if can_keep() else None
         else:
             ip = tcp_address(client)
-            ports = alloc_ports(ip)
+            ports = alloc_ports(ip, 6 if can_keep() else 5)
             by_channel = endpoints = dict(zip(CHANNELS, ports))
+            keep_at = ports[5] if can_keep() else None
         info = {f"{ch}_port": p for ch, p in by_channel.items()}
         info.update(ip=ip, transport=transport, key=conn["key"])
         info.update(signature_scheme=conn.get("signature_scheme", "hmac-sha256"))
@@ -185,6 +193,8 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
                     k.clients.clear()
         finally:
             os.close(log_fd)
+        if keep_at is not None:
+            start_keeper(k, keep_at, conn, kept)
         try:
             write_record(k)
         except OSError as e:
@@ -199,8 +209,27 @@ def spawn(client, kid, argv, env, conn, transport, cwd, orphan):
     return k, endpoints
 
 
+def url(ip, endpoint):
+    """A zmq address: a Unix socket path, or a tcp port on ip."""
+    return f"tcp://{ip}:{endpoint}" if isinstance(endpoint, int) else f"ipc://{endpoint}"
+
+
+def start_keeper(k, keep_at, conn, kept):
+    """Put a keeper (keeper.py) in front of the kernel: its clients link to ``keep_at``."""
+    kernel = {ch: url(k.ip, k.endpoints[ch]) for ch in ("shell", "iopub", "stdin", "control")}
+    keys = {name: conn[name] for name in CURVE_KEYS if conn.get(name)}
+    keeper = Keeper(kernel, url(k.ip, keep_at), keys, kept, k.activity)
+    try:
+        keeper.start()
+    except Exception as e:  # noqa: BLE001 - zmq's errors: the kernel must not run unseen
+        raise AgentError(f"cannot start the kernel's keeper at {keep_at}: {e}") from None
+    k.keeper, k.keeper_at, k.output_buffer = keeper, keep_at, kept
+
+
 def kill_unstarted(k):
     """Kill a kernel whose start failed (its group too), reap it, forget it."""
+    if k.keeper is not None:
+        k.keeper.close()
     killpg(k.pgid, signal.SIGKILL)
     k.status = k.proc.wait()
     release(k)
@@ -219,8 +248,8 @@ def abort_start(k, message, with_status):
 
 def op_launch(client, req):
     """Start a kernel detached, wait until it listens, reply; a watcher reports its exit."""
-    kid, argv, env, conn, transport, cwd, timeout, orphan = check_launch(req)
-    k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan)
+    kid, argv, env, conn, transport, cwd, timeout, orphan, kept = check_launch(req)
+    k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan, kept)
     deadline = time.monotonic() + timeout
     pending = list(endpoints.values())
     ip = k.ip
@@ -232,7 +261,7 @@ def op_launch(client, req):
         if exited(k.proc):
             abort_start(k, "kernel exited with status %d during start", True)
         pending = [p for p in pending if not ready(p)]
-        if not pending:
+        if not pending and (k.keeper is None or k.keeper.ready.is_set()):
             break
         if time.monotonic() >= deadline:
             abort_start(k, f"kernel did not start listening within {timeout:g} s", False)
@@ -242,7 +271,7 @@ def op_launch(client, req):
         write_record(k)
     threading.Thread(target=watch, args=(k,), daemon=True).start()
     reply = {"re": req.get("id"), "ok": True, "pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir}
-    client.emit(dict(reply, endpoints=endpoints, ip=ip))
+    client.emit(dict(reply, endpoints=k.endpoints, ip=ip, keeper=k.keeper_at))
     k.announced.set()  # the reply is written here so the exited event can never precede it
 
 
@@ -250,6 +279,8 @@ def watch(k):
     """Wait for a kernel to exit, kill its leftovers, remove its files, report the exit to
     the clients holding it and remember it for a while."""
     exited(k.proc, block=True)
+    if k.keeper is not None:
+        k.keeper.close()
     killpg(k.pgid, signal.SIGKILL)  # children the kernel left behind in its group
     k.status = status = k.proc.wait()
     tail = log_tail(k.dir) if status != 0 else ""

@@ -66,7 +66,7 @@ def op_attach(client, req):
     names = ("key", "signature_scheme", "kernel_name") + CURVE_KEYS
     connection = {name: info.get(name) for name in names if name in info}
     reply = {"pid": k.proc.pid, "pgid": k.pgid, "dir": k.dir, "endpoints": k.endpoints}
-    reply["ip"] = k.ip
+    reply.update(ip=k.ip, keeper=k.keeper_at if k.keeper is not None else None)
     # through srun, the sshd sessions that hold stale forwards are on the login node (see
     # job.py): the client ends them there
     with LOCK:
@@ -102,6 +102,12 @@ def host_id():
     return socket.gethostname()
 
 
+def since(when):
+    """Seconds since a wall-clock time of this host (None stays None): the client's clock
+    may differ from ours."""
+    return None if when is None else round(max(0.0, time.time() - when), 3)
+
+
 def op_list(client, req):
     """Every kernel of the daemon, whoever holds it, and which host this is."""
     adopt_orphans()
@@ -110,11 +116,15 @@ def op_list(client, req):
         for k in KERNELS.values():
             if k.ready:
                 orphaned = None if k.orphaned_at is None else round(now - k.orphaned_at, 3)
+                act = k.activity
                 info.append(
-                    {"kernel": k.kid, "kernel_name": k.kernel_name, "pid": k.proc.pid,
-                     "dir": k.dir, "started": k.started,
+                    {"kernel": k.kid, "kernel_name": k.kernel_name,
+                     "pid": k.proc.pid, "dir": k.dir, "started": k.started,
                      "attached": len(k.clients), "orphan_timeout": k.orphan_timeout,
-                     "orphaned_for": orphaned, "busy": k.busy}
+                     "orphaned_for": orphaned, "busy": act.busy if act.state else None,
+                     "state": act.state, "state_for": since(act.since),
+                     "quiet_for": since(act.last),
+                     "kept": k.keeper.stats() if k.keeper else None}
                 )  # fmt: skip
     return {"kernels": info, "host_id": host_id()}
 

@@ -11,6 +11,7 @@ import threading
 import time
 
 from .common import exited, killpg, parent_pid, process_name, process_start
+from .keeper import Activity
 
 SHUTDOWN_GRACE = 3.0  # seconds an orphaned (or shut down) kernel gets to exit on SIGTERM
 STOP_GRACE = 5.0  # seconds a kernel gets to exit on SIGTERM for the stop op
@@ -43,8 +44,10 @@ class Kernel:
         self.clients = {client} if client is not None else set()
         self.orphaned_at = None if client is not None else time.monotonic()
         self.orphan_timeout = orphan_timeout
-        self.cpu = None  # (monotonic time, cpu seconds) sampled by the reaper
-        self.busy = None  # used CPU since the previous sample (None: unknown)
+        self.keeper = None  # its iopub keeper (keeper.py), if this python can keep
+        self.keeper_at = None  # its keeper's endpoint (a Unix socket path or a tcp port)
+        self.output_buffer = None  # bytes the keeper keeps (None: its default)
+        self.activity = Activity()  # busy/idle from its status messages (via the keeper)
         self.stopping = False  # a stop, the reaper or shutdown has taken charge of it
         self.status = None
         self.announced = threading.Event()  # set once the launch reply is written
