@@ -280,7 +280,7 @@ def watch(k):
     the clients holding it and remember it for a while."""
     exited(k.proc, block=True)
     if k.keeper is not None:
-        k.keeper.close()
+        k.keeper.close()  # at once: a restart may start the next kernel under this id
     killpg(k.pgid, signal.SIGKILL)  # children the kernel left behind in its group
     k.status = status = k.proc.wait()
     tail = log_tail(k.dir) if status != 0 else ""
