@@ -8,6 +8,7 @@ is killed with SIGKILL, so it shuts nothing down.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -87,7 +88,9 @@ def test_kept_kernel_is_listed_attached_and_stopped(remote_spec, tmp_path, no_le
              "ps to list the kernel with no client attached")  # fmt: skip
     [header, row] = rk("ps", name).stdout.splitlines()
     assert header.split()[:3] == ["ID", "KERNELSPEC", "HOST"]
-    assert row.startswith(f"{kernel_id[:8]}  {name}  ") and row.endswith("  0        kept")
+    assert row.startswith(f"{kernel_id[:8]}  {name}  ") and row.endswith("kept")
+    assert header.split()[-3:] == ["UNATTENDED", "IF", "UNATTENDED"]
+    assert re.search(r"  idle \d+s  .*  0 +\d+s +kept$", row), row  # state, clients, unattended
 
     file = tmp_path / "existing.json"
     attach = subprocess.Popen(

@@ -246,10 +246,20 @@ def abort_start(k, message, with_status):
     raise AgentError(message, **extra)
 
 
+def session_tag(req):
+    """The (notebook path, owner) a launch request (or a record) tags its kernel with, so
+    that the same user's Jupyter can reclaim it for the same notebook (op_claim); None."""
+    tag = req.get("tag")
+    if isinstance(tag, (list, tuple)) and len(tag) == 2 and all(isinstance(t, str) for t in tag):
+        return tuple(tag)
+    return None
+
+
 def op_launch(client, req):
     """Start a kernel detached, wait until it listens, reply; a watcher reports its exit."""
     kid, argv, env, conn, transport, cwd, timeout, orphan, kept = check_launch(req)
     k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan, kept)
+    k.tag = session_tag(req)
     deadline = time.monotonic() + timeout
     pending = list(endpoints.values())
     ip = k.ip
@@ -280,7 +290,7 @@ def watch(k):
     the clients holding it and remember it for a while."""
     exited(k.proc, block=True)
     if k.keeper is not None:
-        k.keeper.close()
+        k.keeper.close()  # at once: a restart may start the next kernel under this id
     killpg(k.pgid, signal.SIGKILL)  # children the kernel left behind in its group
     k.status = status = k.proc.wait()
     tail = log_tail(k.dir) if status != 0 else ""
