@@ -1,5 +1,6 @@
 """Recovery figures: how fast a remote kernel is usable again after the SSH link comes back,
-and how fast the remote side reaps a kernel whose local side was killed.
+how fast what it printed meanwhile arrives and what keeping it costs the remote side, and
+how fast the remote side reaps a kernel whose local side was killed.
 
     python3 bench/bench_recovery.py [--runs N] [--outage SECONDS] [--json PATH]
 
@@ -97,6 +98,70 @@ async def reconnect_once(env: Environment, outage: float) -> float:
         await km.shutdown_kernel(now=True)
 
 
+MISSED = """
+import os, time
+while not os.path.exists({marker!r}):
+    time.sleep(0.01)
+for i in range({lines}):
+    print(f"{{i:08d}} " + "x" * 1000, flush=True)
+print("done", flush=True)
+open({marker!r} + ".printed", "w").close()
+"""
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def missed_once(env: Environment, mib: int) -> tuple[float, float, float]:
+    """While sshd is down a cell prints ``mib`` MiB (1 KiB lines): (seconds from sshd
+    listening again to the last missed message delivered, MiB the keeper held, KiB of the
+    daemon's memory per MiB held)."""
+    from jupyter_remote_provisioner import loop
+
+    server = env.server
+    assert server is not None
+    marker = env.root / "print-now"
+    marker.unlink(missing_ok=True)
+    Path(f"{marker}.printed").unlink(missing_ok=True)
+    km = AsyncKernelManager(kernel_name=REMOTE)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+        kernel = km.provisioner._kernel
+        cell = kc.execute(MISSED.format(marker=str(marker), lines=mib * 1024))
+        daemon = kernel._daemon_pid
+        before = rss_kib(daemon)
+        server.stop()
+        server.kill_all_sessions()
+        await wait_for_async(lambda: kernel._recovery is not None, STEP_TIMEOUT, "the loss")
+        marker.touch()
+        await wait_for_async(Path(f"{marker}.printed").exists, STEP_TIMEOUT, "the output")
+        held_kib = rss_kib(daemon) - before
+        server.start()
+        restored = time.perf_counter()
+        await wait_for_async(lambda: kernel._recovery is None, STEP_TIMEOUT, "the reconnect")
+        listing = await loop.call(kernel._agent.request("list"))  # type: ignore[union-attr]
+        [kept] = [k["kept"] for k in listing["kernels"] if k["kernel"] == kernel.kernel_id]
+        while True:
+            msg = await kc.get_iopub_msg(timeout=STEP_TIMEOUT)
+            ours = msg["parent_header"].get("msg_id") == cell and msg["msg_type"] == "stream"
+            if ours and msg["content"]["text"].endswith("done\n"):
+                break
+        elapsed = time.perf_counter() - restored
+        held_mib = kept["kept_bytes"] / (1 << 20) if kept else 0.0
+        return elapsed, held_mib, held_kib / max(held_mib, 1e-9)
+    finally:
+        marker.touch()
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
 def reap_once() -> float:
     """Seconds from SIGKILL of the local side to the remote kernel process being gone."""
     server = subprocess.Popen(
@@ -130,6 +195,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--outage", type=float, default=3.0, help="seconds sshd stays down")
+    parser.add_argument("--missed", type=int, default=16, help="MiB printed while away")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     env = Environment()
@@ -138,6 +204,7 @@ def main() -> int:
         configure(env, keepalive_interval=KEEPALIVE)
         cold = statistics.median(asyncio.run(local_cold_start()) for _ in range(args.runs))
         back = [asyncio.run(reconnect_once(env, args.outage)) for _ in range(args.runs)]
+        missed = [asyncio.run(missed_once(env, args.missed)) for _ in range(args.runs)]
         configure(env, orphan_timeout=ORPHAN_TIMEOUT)
         reaped = [reap_once() for _ in range(args.runs)]
     finally:
@@ -150,6 +217,11 @@ def main() -> int:
         "killed_to_reaped_s": statistics.median(reaped),
         "killed_to_reaped_runs": reaped,
         "reaping_latency_beyond_orphan_timeout_s": statistics.median(reaped) - ORPHAN_TIMEOUT,
+        "missed_mib_printed": args.missed,
+        "restored_to_last_missed_message_s": statistics.median(m[0] for m in missed),
+        "missed_mib_held_by_the_keeper": statistics.median(m[1] for m in missed),
+        "daemon_kib_per_held_mib": statistics.median(m[2] for m in missed),
+        "missed_runs": missed,
     }
     info = machine_info()
     print(f"# recovery, {info['date']}, {info['cpu']} x{info['nproc']}")
@@ -158,6 +230,10 @@ def main() -> int:
     print(f"local kernel cold start           {cold:7.3f} s")
     print(f"sshd back -> first execute        {figures['restored_to_first_execute_s']:7.3f} s"
           f"   ({figures['ratio_to_local_cold_start']:.2f} x local cold start, state kept)")  # fmt: skip
+    print(f"sshd back -> last of {args.missed} MiB printed while away delivered "
+          f"{figures['restored_to_last_missed_message_s']:7.3f} s")  # fmt: skip
+    print(f"remote daemon memory per MiB kept {figures['daemon_kib_per_held_mib'] / 1024:7.2f} MiB"
+          f"   ({figures['missed_mib_held_by_the_keeper']:.1f} MiB kept)")  # fmt: skip
     print(f"local side killed -> reaped       {figures['killed_to_reaped_s']:7.3f} s"
           f"   (orphan_timeout + {figures['reaping_latency_beyond_orphan_timeout_s']:.3f} s)")  # fmt: skip
     if args.json:

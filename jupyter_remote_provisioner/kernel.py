@@ -65,6 +65,7 @@ class RemoteKernel(Reconnecting):
         self._daemon_pid: int | None = None  # the agent daemon that runs the kernel
         self.site = site_for(kernel_id, settings, self.log)  # where it runs (sites/)
         self.spot: Spot | None = None
+        self.tag: tuple[str, str] | None = None  # (notebook, local user): reclaimable by
         # seconds of each step of the last start: ssh, place (a Slurm job's submission and
         # queue wait), agent (its hello), kernel (until it listens); for the log and bench/
         self.phases: dict[str, float] = {}
@@ -264,6 +265,7 @@ class RemoteKernel(Reconnecting):
                 timeout=settings.launch_timeout,
                 orphan_timeout=settings.orphan_timeout,
                 output_buffer=max(1, int(settings.output_buffer * (1 << 20))),
+                tag=list(self.tag) if self.tag else None,
                 connection={
                     "key": key.decode() if isinstance(key, bytes) else key,
                     "signature_scheme": session.get("signature_scheme", "hmac-sha256"),

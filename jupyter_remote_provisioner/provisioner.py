@@ -16,11 +16,12 @@ from typing import Any, cast
 import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Enum, Float, List, TraitError, Unicode, Union
+from traitlets import Bool, Dict, Enum, Float, List, TraitError, Unicode, Union
 
 from . import loop
 from .encryption import CURVE_KEYS, declares_curve, keys_of, new_keys, wanted
 from .errors import ConfigError, RemoteKernelError
+from .identity import local_identity
 from .kernel import RemoteKernel
 from .kernel_settings import KernelSettings
 from .signals import SIGKILL, SIGTERM
@@ -121,6 +122,15 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "before it is stopped (a busy kernel is kept); null keeps it until stopped "
         "(remote_kernel stop).",
     )
+    reattach = Bool(
+        True,
+        config=True,
+        help="When Jupyter (jupyter_server) starts a kernel for a notebook, first look on the "
+        "host for this notebook's kernel of this kernelspec, kept after its Jupyter server "
+        "ended (within orphan_timeout), started by the same local user and held by no client; "
+        "reattach to it instead of starting a new one. Never for jupyter execute, nbclient "
+        "or papermill (they name no notebook), nor for Slurm kernels.",
+    )
     output_buffer = Float(
         64.0,
         config=True,
@@ -151,7 +161,7 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         "host", "jump", "python", "kernel_argv", "env", "cwd", "path_map", "upload",
         "ssh_config", "identity_file",
         "known_hosts", "transport", "connect_timeout", "launch_timeout", "keepalive_interval",
-        "reconnect_timeout", "orphan_timeout", "connection_persist", "slurm", "output_buffer",
+        "reconnect_timeout", "orphan_timeout", "connection_persist", "slurm", "output_buffer", "reattach",
     )  # fmt: skip
     _BASE_KEYS = ("kernel_id", "kernel_spec", "parent", "config", "log")
 
@@ -186,6 +196,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._local_dir = os.getcwd()
         self._holds_loop = False
         self._curve: dict[str, str] = {}
+        self._notebook: str | None = None  # JPY_SESSION_NAME, from jupyter_server
+        self._launched = False  # a kernel was started (or reclaimed): the next is a restart
 
     # Seconds: 0 would leave no time at all for these...
     POSITIVE = ("connect_timeout", "launch_timeout")
@@ -257,6 +269,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs.pop("extra_arguments", None)
         # jupyter_server, nbclient and papermill pass the notebook's directory as cwd
         self._local_dir = kwargs.get("cwd") or os.getcwd()
+        # jupyter_server (only) names the notebook: its kernel may be reclaimed later
+        self._notebook = local_env.get("JPY_SESSION_NAME") or None
         settings = self.settings()
         if self._kernel is None:
             self._kernel = RemoteKernel(self.kernel_id or str(uuid.uuid4()), settings, self.log)
@@ -280,17 +294,31 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if not self._holds_loop:
             loop.acquire()
             self._holds_loop = True
+        kernel = self._kernel
+        kernel.tag = self._reclaim_tag(kernel.settings)
         try:
-            connection_info = await loop.call(
-                self._kernel.start(info, self._remote_env, local_dir=self._local_dir)
-            )
+            connection_info = None
+            if kernel.tag is not None and not self._launched:  # a restart starts afresh
+                connection_info = await loop.call(kernel.reclaim(info["kernel_name"]))
+            if connection_info is None:
+                connection_info = await loop.call(
+                    kernel.start(info, self._remote_env, local_dir=self._local_dir)
+                )
         except BaseException:
             # The kernel has closed its forwards and connection; drop the loop too.
             self._kernel = None
             self._release_loop()
             raise
+        self._launched = True
         self.connection_info = cast(KernelConnectionInfo, connection_info)
         return self.connection_info
+
+    def _reclaim_tag(self, settings: KernelSettings) -> tuple[str, str] | None:
+        """What tags the kernel for a later reclaim: the notebook jupyter_server named, and
+        this local user (see ``reattach``); None where reclaiming does not apply."""
+        if not self.reattach or not self._notebook or settings.slurm is not None:
+            return None
+        return (self._notebook, local_identity())
 
     def _encryption(self, transport: str) -> dict[str, Any]:
         """The Curve keys to start the kernel with, when :func:`.encryption.wanted` says so;

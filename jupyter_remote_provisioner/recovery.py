@@ -58,6 +58,7 @@ class Reconnecting:
     _agent_client: int | None
     _daemon_pid: int | None
     site: Site
+    tag: tuple[str, str] | None
 
     async def _connect(self, renew: bool = False) -> None:
         raise NotImplementedError
@@ -150,6 +151,45 @@ class Reconnecting:
             await self.close(keep_kernel=True, persist=False)
             raise
         self.pid, self.exit_status, self._running = reply.get("pid"), None, True
+        return self._connection_info(connection, self.curve)
+
+    async def reclaim(self, kernel_name: str) -> dict[str, Any] | None:
+        """Take over this notebook's kept kernel (see ``tag``), if the host has one that no
+        client holds: forward to it and return connection info with its session key; None
+        if there is none (then start one)."""
+        assert self.tag is not None
+        await self._connect()
+        agent, conn = self._agent, self._conn
+        assert agent is not None and conn is not None and conn.ssh is not None
+        try:
+            reply = await agent.request(
+                "claim", reply_timeout=self.settings.connect_timeout, tag=list(self.tag),
+                kernel_name=kernel_name,
+            )  # fmt: skip
+        except AgentError as exc:  # an old agent, or the kernel stopped meanwhile: start one
+            self.log.debug("no kernel to reclaim: %s", exc)
+            return None
+        if not reply.get("kernel"):
+            if reply.get("held"):
+                self.log.info("This notebook's kept kernel on %s is held by another client "
+                              "(the notebook is open elsewhere): starting a new one",
+                              self.settings.target.host.label)  # fmt: skip
+            return None
+        self.kernel_id = str(reply["kernel"])
+        agent.on_exit(self.kernel_id, self._on_exit)
+        self._note_agent()
+        connection = reply.get("connection") or {}
+        self.curve = keys_of(connection)
+        try:
+            await self.ports.open(reply, None, self.curve, connection)
+        except BaseException:
+            await self.close(keep_kernel=True, persist=False)
+            raise
+        self.ports.link.adopt()  # the old page's output goes under this page's next cell
+        self._retarget(conn.ssh, reply)
+        self.pid, self.exit_status, self._running = reply.get("pid"), None, True
+        self.log.info("Reattached to kernel %s on %s, kept for notebook %s (pid %s)",
+                      self.kernel_id, self.settings.target.describe(), self.tag[0], self.pid)  # fmt: skip
         return self._connection_info(connection, self.curve)
 
     async def _reattach(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session
 
+from .foreign_output import ForeignOutput
 from .tunnel import LOOPBACK, bind_error
 
 LINKED = ("shell", "control", "stdin", "iopub")  # the channels the link carries
@@ -79,6 +80,7 @@ class SessionLink:
         self.stream = b""  # the keeper's stream (one per kernel process)
         self.dropped = 0  # messages the keeper dropped, as we were told (for tests, bench)
         self.delivered_at = 0.0  # monotonic time a message was last handed to the client
+        self.adopted = False  # a kept kernel reattached: see foreign_output.py
 
     def bind(
         self,
@@ -137,6 +139,16 @@ class SessionLink:
         assert isinstance(endpoint, bytes)
         self.ports[name] = int(endpoint.rsplit(b":", 1)[1])
         return sock
+
+    def adopt(self) -> None:
+        """This client takes over a kernel another one started (``reattach``): output of
+        requests it did not send goes under its next execute_request."""
+        self.adopted = True
+
+    def foreign(self) -> ForeignOutput | None:
+        if not self.adopted or self._session is None:
+            return None
+        return ForeignOutput(self._session)
 
     def connection_info(self) -> dict[str, int]:
         return {f"{name}_port": port for name, port in self.ports.items()}
@@ -216,6 +228,7 @@ class _Pump:
         # up: (seq, channel, ident, frames) not yet acknowledged by the keeper
         self.up: collections.deque[tuple[int, bytes, bytes, list[bytes]]] = collections.deque()
         self.up_next = 1
+        self.foreign: ForeignOutput | None = None  # made once the link follows a kernel
         self.poller = zmq.Poller()
         for sock in (*fronts.values(), wake):
             self.poller.register(sock, zmq.POLLIN)
@@ -247,6 +260,7 @@ class _Pump:
         if self.wake.recv() == b"close":
             return False
         self._close_back()
+        self.foreign = self.foreign or self.link.foreign()
         self.back, self.monitor = self.link.connect_back()
         self.poller.register(self.monitor, zmq.POLLIN)
         self._gate()
@@ -279,6 +293,10 @@ class _Pump:
             return
         entry = (self.up_next, channel, msg[0], msg[1:])
         self.up_next += 1
+        if self.foreign is not None and channel == b"shell":
+            now = time.monotonic()
+            for frames in self.foreign.upstream(msg[1:]):
+                self.pending.append((0, b"iopub", b"", frames, now))
         self.up.append(entry)
         if self.back is not None and not self.resyncing:
             self._send_up(entry)
@@ -311,7 +329,14 @@ class _Pump:
                     note = self.link.note(msg[4:], *self.gap)
                     self.pending.append((0, b"iopub", b"", note, now))
                     self.gap = None
-                self.pending.append((seq, msg[2], msg[3], msg[4:], now))
+                if self.foreign is not None and msg[2] == b"iopub":
+                    outs = self.foreign.downstream(msg[4:])  # none: held, acknowledged
+                    for frames in outs[:-1]:
+                        self.pending.append((0, b"iopub", b"", frames, now))
+                    channel = b"iopub" if outs else b""
+                    self.pending.append((seq, channel, b"", outs[-1] if outs else [], now))
+                else:
+                    self.pending.append((seq, msg[2], msg[3], msg[4:], now))
                 self.last = seq
         self._gate()
 
@@ -342,7 +367,9 @@ class _Pump:
         """Hand what waits to the client, in order, as fast as it takes it."""
         while self.pending:
             seq, channel, ident, frames, since = self.pending[0]
-            if channel == b"iopub" and not self.subscribed:
+            if not channel:
+                pass  # nothing to hand on (held for later): acknowledged all the same
+            elif channel == b"iopub" and not self.subscribed:
                 if time.monotonic() - since < IOPUB_WAIT:
                     return  # a client is (re)connecting: its subscription comes
             else:

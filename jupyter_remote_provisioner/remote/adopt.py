@@ -12,7 +12,7 @@ import threading
 
 from .common import Adopted, AgentError, killpg, process_alive
 from .keeper import available as can_keep
-from .launch import start_keeper, watch
+from .launch import session_tag, start_keeper, watch
 from .records import SELF, read_record, write_record
 from .table import KERNELS, LOCK, STATE, USED_PORTS, Kernel
 
@@ -64,6 +64,7 @@ def adopt(kdir, rec):
     k.pgid, k.proc_start, k.ready = int(rec["pgid"]), rec.get("start"), True
     k.started, k.endpoints = rec.get("started") or k.started, rec.get("endpoints") or {}
     k.kernel_name = str(rec.get("kernel_name") or "")
+    k.tag = session_tag(rec)
     k.ip = rec.get("ip") or ("127.0.0.1" if ports else None)
     with LOCK:
         if k.kid in KERNELS or STATE["closing"]:

@@ -246,10 +246,20 @@ def abort_start(k, message, with_status):
     raise AgentError(message, **extra)
 
 
+def session_tag(req):
+    """The (notebook path, owner) a launch request (or a record) tags its kernel with, so
+    that the same user's Jupyter can reclaim it for the same notebook (op_claim); None."""
+    tag = req.get("tag")
+    if isinstance(tag, (list, tuple)) and len(tag) == 2 and all(isinstance(t, str) for t in tag):
+        return tuple(tag)
+    return None
+
+
 def op_launch(client, req):
     """Start a kernel detached, wait until it listens, reply; a watcher reports its exit."""
     kid, argv, env, conn, transport, cwd, timeout, orphan, kept = check_launch(req)
     k, endpoints = spawn(client, kid, argv, env, conn, transport, cwd, orphan, kept)
+    k.tag = session_tag(req)
     deadline = time.monotonic() + timeout
     pending = list(endpoints.values())
     ip = k.ip

@@ -48,10 +48,34 @@ def op_signal(client, req):
 def op_attach(client, req):
     """Hold the kernel too (so it is no orphan, and this client gets its exited event); reply
     its endpoints and its connection settings (key included: the client may have none)."""
-    k = find_kernel(req.get("kernel"))
-    replaces = req.get("replaces")
+    return hold(client, find_kernel(req.get("kernel")), req.get("replaces"))
+
+
+def op_claim(client, req):
+    """Hold the newest kernel tagged with this notebook and owner (launch's ``tag``), from
+    this kernelspec, that no client holds: a Jupyter server restarted reopening the notebook.
+    One held by a client (the notebook open elsewhere) is never shared. Reply as attach, or
+    {"kernel": None, "held": how many such kernels are held}."""
+    tag = tuple(req.get("tag") or ())
+    with LOCK:
+        mine = [
+            k for k in KERNELS.values()
+            if k.ready and not k.stopping and k.tag == tag
+            and k.kernel_name == req.get("kernel_name")
+        ]  # fmt: skip
+        free = sorted((k for k in mine if not k.clients), key=lambda k: k.started)
+        if not free:
+            return {"kernel": None, "held": len(mine)}
+        k = free[-1]
+        k.clients.add(client)  # ours now: no other claim takes it
+    return dict(hold(client, k, None), kernel=k.kid)
+
+
+def hold(client, k, replaces):
+    """Make ``client`` a holder of k (retiring the connection it replaces); the attach reply."""
     with LOCK:
         if k.stopping or KERNELS.get(k.kid) is not k:
+            k.clients.discard(client)
             raise AgentError(f"kernel {k.kid} is being stopped")
         k.clients.add(client)
         k.orphaned_at = None
@@ -151,7 +175,7 @@ def op_ping(client, req):
 
 
 OPS = {"launch": op_launch_new, "signal": op_signal, "list": op_list, "ping": op_ping}
-OPS.update(attach=op_attach, stop=op_stop, keepalive=op_keepalive)
+OPS.update(attach=op_attach, stop=op_stop, keepalive=op_keepalive, claim=op_claim)
 
 
 def handle(client, req):

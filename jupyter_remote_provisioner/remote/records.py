@@ -18,7 +18,7 @@ def write_record(k):
         "kernel": k.kid, "kernel_name": k.kernel_name, "pid": k.proc.pid, "pgid": k.pgid,
         "start": k.proc_start, "started": k.started, "ready": k.ready, "ports": k.ports,
         "endpoints": k.endpoints, "ip": k.ip, "orphan_timeout": k.orphan_timeout, "daemon": dict(SELF),
-        "keeper": k.keeper_at, "output_buffer": k.output_buffer,
+        "keeper": k.keeper_at, "output_buffer": k.output_buffer, "tag": k.tag,
     }  # fmt: skip
     temp = record_path(k.dir) + ".tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

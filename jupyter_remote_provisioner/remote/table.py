@@ -41,6 +41,7 @@ class Kernel:
         self.ip = None  # the address its tcp endpoints listen on (None: Unix sockets)
         self.stale_sessions = set()  # login-node sshd sessions of clients gone (see job.py)
         self.kernel_name = ""  # the kernelspec it was started from, as the client named it
+        self.tag = None  # (notebook path, local user's id) of a Jupyter session: reclaimable
         self.clients = {client} if client is not None else set()
         self.orphaned_at = None if client is not None else time.monotonic()
         self.orphan_timeout = orphan_timeout
