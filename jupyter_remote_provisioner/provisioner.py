@@ -310,6 +310,8 @@ class RemoteSSHProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._release_loop()
             raise
         self._launched = True
+        if isinstance(connection_info["key"], str):  # a reclaimed kernel's, read remotely
+            connection_info["key"] = connection_info["key"].encode()
         self.connection_info = cast(KernelConnectionInfo, connection_info)
         return self.connection_info
 
