@@ -116,10 +116,11 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-async def missed_once(env: Environment, mib: int) -> tuple[float, float, float]:
+async def missed_once(env: Environment, mib: int, away: bool = True) -> tuple[float, float, float]:
     """While sshd is down a cell prints ``mib`` MiB (1 KiB lines): (seconds from sshd
     listening again to the last missed message delivered, MiB the keeper held, KiB of the
-    daemon's memory per MiB held)."""
+    daemon's memory per MiB held). ``away`` False: the same output with the client there,
+    (seconds from the start of printing to the last message delivered, 0, 0)."""
     from jupyter_remote_provisioner import loop
 
     server = env.server
@@ -137,6 +138,11 @@ async def missed_once(env: Environment, mib: int) -> tuple[float, float, float]:
         cell = kc.execute(MISSED.format(marker=str(marker), lines=mib * 1024))
         daemon = kernel._daemon_pid
         before = rss_kib(daemon)
+        if not away:
+            started = time.perf_counter()
+            marker.touch()
+            await until_done(kc, cell)
+            return time.perf_counter() - started, 0.0, 0.0
         server.stop()
         server.kill_all_sessions()
         await wait_for_async(lambda: kernel._recovery is not None, STEP_TIMEOUT, "the loss")
@@ -148,11 +154,7 @@ async def missed_once(env: Environment, mib: int) -> tuple[float, float, float]:
         await wait_for_async(lambda: kernel._recovery is None, STEP_TIMEOUT, "the reconnect")
         listing = await loop.call(kernel._agent.request("list"))  # type: ignore[union-attr]
         [kept] = [k["kept"] for k in listing["kernels"] if k["kernel"] == kernel.kernel_id]
-        while True:
-            msg = await kc.get_iopub_msg(timeout=STEP_TIMEOUT)
-            ours = msg["parent_header"].get("msg_id") == cell and msg["msg_type"] == "stream"
-            if ours and msg["content"]["text"].endswith("done\n"):
-                break
+        await until_done(kc, cell)
         elapsed = time.perf_counter() - restored
         held_mib = kept["kept_bytes"] / (1 << 20) if kept else 0.0
         return elapsed, held_mib, held_kib / max(held_mib, 1e-9)
@@ -160,6 +162,15 @@ async def missed_once(env: Environment, mib: int) -> tuple[float, float, float]:
         marker.touch()
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
+
+
+async def until_done(kc: Any, cell: str) -> None:
+    """Read iopub (as a client does) until the cell's last line."""
+    while True:
+        msg = await kc.get_iopub_msg(timeout=STEP_TIMEOUT)
+        ours = msg["parent_header"].get("msg_id") == cell and msg["msg_type"] == "stream"
+        if ours and msg["content"]["text"].endswith("done\n"):
+            return
 
 
 def reap_once() -> float:
@@ -204,6 +215,7 @@ def main() -> int:
         configure(env, keepalive_interval=KEEPALIVE)
         cold = statistics.median(asyncio.run(local_cold_start()) for _ in range(args.runs))
         back = [asyncio.run(reconnect_once(env, args.outage)) for _ in range(args.runs)]
+        live = [asyncio.run(missed_once(env, args.missed, away=False)) for _ in range(args.runs)]
         missed = [asyncio.run(missed_once(env, args.missed)) for _ in range(args.runs)]
         configure(env, orphan_timeout=ORPHAN_TIMEOUT)
         reaped = [reap_once() for _ in range(args.runs)]
@@ -219,6 +231,7 @@ def main() -> int:
         "reaping_latency_beyond_orphan_timeout_s": statistics.median(reaped) - ORPHAN_TIMEOUT,
         "missed_mib_printed": args.missed,
         "restored_to_last_missed_message_s": statistics.median(m[0] for m in missed),
+        "same_output_live_s": statistics.median(m[0] for m in live),
         "missed_mib_held_by_the_keeper": statistics.median(m[1] for m in missed),
         "daemon_kib_per_held_mib": statistics.median(m[2] for m in missed),
         "missed_runs": missed,
@@ -230,7 +243,9 @@ def main() -> int:
     print(f"local kernel cold start           {cold:7.3f} s")
     print(f"sshd back -> first execute        {figures['restored_to_first_execute_s']:7.3f} s"
           f"   ({figures['ratio_to_local_cold_start']:.2f} x local cold start, state kept)")  # fmt: skip
-    print(f"sshd back -> last of {args.missed} MiB printed while away delivered "
+    print(f"{args.missed} MiB printed, client there: first to last line  "
+          f"{figures['same_output_live_s']:7.3f} s")  # fmt: skip
+    print(f"{args.missed} MiB printed while away: sshd back -> last line "
           f"{figures['restored_to_last_missed_message_s']:7.3f} s")  # fmt: skip
     print(f"remote daemon memory per MiB kept {figures['daemon_kib_per_held_mib'] / 1024:7.2f} MiB"
           f"   ({figures['missed_mib_held_by_the_keeper']:.1f} MiB kept)")  # fmt: skip

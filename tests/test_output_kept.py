@@ -321,3 +321,38 @@ def test_output_beyond_the_bound_keeps_the_newest(
     assert int(notes[0]) >= numbers[0], (notes, numbers[0])
     assert 0 < len(numbers) * pad <= (1 << 20), "more kept than the bound"
     assert "dropped while no client was connected" in caplog.text
+
+
+def test_without_pyzmq_remotely_the_channels_are_forwarded_as_before(
+    remote_spec, tmp_path, no_leftovers
+):
+    """The agent's python cannot import zmq (a host whose python3 has no pyzmq, the kernel
+    run by another python through kernel_argv): no keeper; the kernel runs, answers and
+    prints through plain forwards, and ps says its state is unknown."""
+    from drivers import Driver
+
+    hide = tmp_path / "no-zmq" / "zmq"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('no pyzmq here')\n")
+    agent = tmp_path / "python-without-zmq"
+    agent.write_text(f'#!/bin/sh\nPYTHONPATH={hide.parent} exec {sys.executable} "$@"\n')
+    agent.chmod(0o755)
+    kernel = ["env", "-u", "PYTHONPATH", sys.executable, "-m", "ipykernel_launcher", "-f"]
+    kernel.append("{connection_file}")
+    name = remote_spec(python=str(agent), kernel_argv=kernel)
+    driver = Driver("async", name)
+    try:
+        driver.start()
+        assert driver.km.provisioner._kernel.ports.kept is False
+        kc = driver.client()
+        out: list[str] = []
+        reply = kc.execute_interactive(
+            "print(6 * 7)",
+            timeout=30,
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+        )
+        assert reply["content"]["status"] == "ok" and "".join(out) == "42\n"
+        [listed_kernel] = json.loads(rk("ps", name, "--json").stdout)
+        assert listed_kernel["state"] is None and listed_kernel["kept"] is None
+    finally:
+        driver.close()
