@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +65,26 @@ async def local_cold_start() -> float:
         await km.shutdown_kernel(now=True)
 
 
-async def reconnect_once(env: Environment, outage: float) -> float:
-    """Seconds from sshd listening again to the first execute that sees the old state."""
-    server = env.server
-    assert server is not None
+@contextlib.asynccontextmanager
+async def remote_kernel() -> AsyncIterator[tuple[AsyncKernelManager, Any]]:
+    """A remote kernel of the bench's spec and a ready client; both ended afterwards."""
     km = AsyncKernelManager(kernel_name=REMOTE)
     await km.start_kernel()
     kc = km.client()
     kc.start_channels()
     try:
         await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
+
+async def reconnect_once(env: Environment, outage: float) -> float:
+    """Seconds from sshd listening again to the first execute that sees the old state."""
+    server = env.server
+    assert server is not None
+    async with remote_kernel() as (km, kc):
         await kc.execute_interactive("x = 42", timeout=STEP_TIMEOUT)
         kernel = km.provisioner._kernel
         server.stop()
@@ -93,9 +105,6 @@ async def reconnect_once(env: Environment, outage: float) -> float:
         if "".join(out).strip() != "42":
             raise RuntimeError(f"state lost across the reconnect: {out}")
         return elapsed
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
 
 
 MISSED = """
@@ -128,12 +137,7 @@ async def missed_once(env: Environment, mib: int, away: bool = True) -> tuple[fl
     marker = env.root / "print-now"
     marker.unlink(missing_ok=True)
     Path(f"{marker}.printed").unlink(missing_ok=True)
-    km = AsyncKernelManager(kernel_name=REMOTE)
-    await km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        await kc.wait_for_ready(timeout=STEP_TIMEOUT)
+    async with remote_kernel() as (km, kc):
         kernel = km.provisioner._kernel
         cell = kc.execute(MISSED.format(marker=str(marker), lines=mib * 1024))
         daemon = kernel._daemon_pid
@@ -158,10 +162,6 @@ async def missed_once(env: Environment, mib: int, away: bool = True) -> tuple[fl
         elapsed = time.perf_counter() - restored
         held_mib = kept["kept_bytes"] / (1 << 20) if kept else 0.0
         return elapsed, held_mib, held_kib / max(held_mib, 1e-9)
-    finally:
-        marker.touch()
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
 
 
 async def until_done(kc: Any, cell: str) -> None:

@@ -39,6 +39,19 @@ def cell_text(cell) -> str:
     return "\n".join(cell.locator(".jp-OutputArea-output").all_inner_texts())
 
 
+def start_printing(page, server: LabServer, notebook: str, spec: str, shot: Shots):  # noqa: F811
+    """Open the notebook (x = 41, the numbered cell, …) with ``spec``, run its first cell,
+    start the numbered one and wait for its output; returns that cell."""
+    open_and_pick(page, server, notebook, spec, shot)
+    status = kernel_status(page)
+    expect(status).to_have_attribute("data-status", "idle", timeout=START)
+    run_cell(page, 0)
+    expect(status).to_have_attribute("data-status", "idle")
+    cell = run_cell(page, 1)
+    expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("line 3")
+    return cell
+
+
 def test_lab_output_during_a_link_cut_arrives_in_its_cell(
     lab: LabServer,  # noqa: F811
     page,  # noqa: F811
@@ -55,13 +68,7 @@ def test_lab_output_during_a_link_cut_arrives_in_its_cell(
     spec = jump_spec(**FAST)
     shot = Shots(page, 40)
     notebook = write_notebook(lab.root / f"{spec}.ipynb", ["x = 41", work.code, "print(x + 1)"])
-    open_and_pick(page, lab, notebook, spec, shot)
-    status = kernel_status(page)
-    expect(status).to_have_attribute("data-status", "idle", timeout=START)
-    run_cell(page, 0)
-    expect(status).to_have_attribute("data-status", "idle")
-    cell = run_cell(page, 1)
-    expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("line 3")
+    cell = start_printing(page, lab, notebook, spec, shot)
     try:
         topo.cut_link()
         wait_for(lambda: not relays(remote_tmp), 30, "the host to drop the silent client")
@@ -108,13 +115,7 @@ def test_lab_killed_and_restarted_gives_the_notebook_its_kernel(
                 for server in (first, second):
                     server.state.mkdir()
                 first.start()
-                open_and_pick(page_, first, notebook, spec, shot)
-                status = kernel_status(page_)
-                expect(status).to_have_attribute("data-status", "idle", timeout=START)
-                run_cell(page_, 0)
-                expect(status).to_have_attribute("data-status", "idle")
-                cell = run_cell(page_, 1)
-                expect(cell.locator(".jp-OutputArea-output").first).to_contain_text("line 3")
+                start_printing(page_, first, notebook, spec, shot)
                 [pid] = remote_kernels(remote_tmp)
                 assert first.proc is not None
                 os.killpg(first.proc.pid, signal.SIGKILL)

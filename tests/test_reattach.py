@@ -94,15 +94,22 @@ class Channels:
         return "".join(out)
 
 
-def test_jupyter_lab_killed_and_restarted_gets_the_kept_kernel(
-    remote_spec, remote_tmp, tmp_path, no_leftovers
-):
+def started_lab(tmp_path: Any) -> LabServer:
+    """A `jupyter lab` serving tmp_path/root, started."""
     root, state = tmp_path / "root", tmp_path / "state"
     root.mkdir()
     state.mkdir()
-    cell, name = Cell(tmp_path), remote_spec(orphan_timeout=600)
     server = LabServer(root, state)
     server.start()
+    return server
+
+
+def test_jupyter_lab_killed_and_restarted_gets_the_kept_kernel(
+    remote_spec, remote_tmp, tmp_path, no_leftovers
+):
+    server = started_lab(tmp_path)
+    root = server.root
+    cell, name = Cell(tmp_path), remote_spec(orphan_timeout=600)
     try:
 
         async def before_the_kill() -> int:
@@ -137,7 +144,7 @@ def test_jupyter_lab_killed_and_restarted_gets_the_kept_kernel(
         assert "".join(json.loads(nb.read_text())["cells"][0]["outputs"][0]["text"]) == "False\n"
         assert remote_kernels(remote_tmp) == [pid], "jupyter execute left its kernel or took ours"
 
-        server = LabServer(root, state)
+        server = LabServer(root, server.state)
         server.start()
 
         async def after_the_restart() -> str:
@@ -195,12 +202,8 @@ def test_vscode_reload_window_with_an_existing_server(
     prints; VS Code then finds the live kernel by its id in /api/kernels and connects
     again with a new session id. The same remote kernel (same variables) answers, and the
     running cell's output, under its original request, reaches the new connection."""
-    root, state = tmp_path / "root", tmp_path / "state"
-    root.mkdir()
-    state.mkdir()
+    server = started_lab(tmp_path)
     cell, name = Cell(tmp_path), remote_spec(orphan_timeout=600)
-    server = LabServer(root, state)
-    server.start()
     try:
         # VS Code names its sessions <notebook>-jvsc-<uuid>.ipynb
         body = {"path": f"analysis-jvsc-{uuid.uuid4()}.ipynb", "type": "notebook",
