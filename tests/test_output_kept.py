@@ -356,3 +356,52 @@ def test_without_pyzmq_remotely_the_channels_are_forwarded_as_before(
         assert listed_kernel["state"] is None and listed_kernel["kept"] is None
     finally:
         driver.close()
+
+
+def test_a_cell_run_during_an_outage_runs_once_when_the_link_is_back(
+    jump_spec, topology, no_leftovers, caplog
+):
+    """A cell is run while the bastion's link is cut: it waits, runs once the link is back
+    (not twice: its request went both into the dead link and after the resume), and its
+    reply and output arrive once."""
+    from jupyter_client.ioloop import AsyncIOLoopKernelManager
+
+    caplog.set_level(logging.INFO)
+    topo = topology.topology
+
+    async def scenario() -> list[dict[str, Any]]:
+        km = AsyncIOLoopKernelManager(kernel_name=jump_spec(**FAST))
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            await kc.execute_interactive("runs = []", timeout=30)
+            topo.cut_link()
+            try:
+                await wait_for_async(lambda: "Lost the SSH connection" in caplog.text, 15, "loss")
+                cell = kc.execute("runs.append(1); print('runs', len(runs))")
+            finally:
+                topo.restore_link()
+            reply = await kc.get_shell_msg(timeout=60)
+            assert reply["parent_header"]["msg_id"] == cell and reply["content"]["status"] == "ok"
+            seen = []
+            while (
+                not seen
+                or seen[-1]["msg_type"] != "status"
+                or seen[-1]["content"]["execution_state"] != "idle"
+            ):
+                msg = await kc.get_iopub_msg(timeout=30)
+                if msg["parent_header"].get("msg_id") == cell:
+                    seen.append(msg)
+            again = await kc.execute_interactive("print(len(runs))", timeout=30,
+                                                 output_hook=lambda m: seen.append(m))  # fmt: skip
+            assert again["content"]["status"] == "ok"
+            return seen
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+    seen = asyncio.run(scenario())
+    texts = [m["content"]["text"] for m in seen if m["msg_type"] == "stream"]
+    assert texts == ["runs 1\n", "1\n"], texts
