@@ -37,6 +37,7 @@ ACK_EVERY = 0.25  # seconds between acknowledgements while messages flow (also a
 ACK_BYTES = 256 << 10  # acknowledge at once after this many bytes
 HEARTBEAT = 1.0  # seconds between acknowledgements when nothing flows
 IOPUB_WAIT = 10.0  # seconds an iopub message waits for a subscriber before it is dropped
+BATCH = 256  # messages taken from the keeper in one go
 Socket = zmq.Socket[bytes]
 
 
@@ -247,7 +248,7 @@ class _Pump:
                     self.monitor.recv_multipart()  # (re)connected to the keeper
                     self._resume()
                 if self.back is not None and self.back in events:
-                    self._from_keeper(self.back.recv_multipart())
+                    self._drain()
                 self._flush()
                 self._acknowledge()
         finally:
@@ -313,6 +314,17 @@ class _Pump:
         )
         self.resyncing = True
 
+    def _drain(self) -> None:
+        """Take what the keeper sent, up to a batch, then hand it on (fewer polls)."""
+        assert self.back is not None
+        for _ in range(BATCH):
+            try:
+                msg = self.back.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self._from_keeper(msg)
+        self._gate()
+
     def _from_keeper(self, msg: list[bytes]) -> None:
         kind = msg[0]
         if kind == b"r" and len(msg) >= 6:
@@ -338,7 +350,6 @@ class _Pump:
                 else:
                     self.pending.append((seq, msg[2], msg[3], msg[4:], now))
                 self.last = seq
-        self._gate()
 
     def _resumed(self, stream: bytes, first: int, oldest: int, limit: int, taken: int) -> None:
         """The keeper resumes at ``first`` (another stream: a new kernel process, or this

@@ -50,6 +50,7 @@ except ImportError:  # no keeper: clients reach the kernel's own sockets, as bef
 DEFAULT_LIMIT = 64 << 20  # bytes kept for absent receivers (kernelspec key output_buffer)
 WINDOW = 4 << 20  # bytes sent to a receiver ahead of its acknowledgement
 PEER_SILENCE = 10.0  # seconds without a word after which a receiver counts as gone
+BATCH = 256  # messages taken from one socket in one go
 ROUTED = (b"shell", b"control", b"stdin")  # the kernel's ROUTER channels
 DELIMITER = b"<IDS|MSG>"
 CONTEXT = []  # type: list  # the daemon's one zmq context, made on first use
@@ -183,10 +184,10 @@ class Keeper:
                     self.monitor.recv_multipart()
                     self.ready.set()
                 if self.sub in events:
-                    self._from_kernel(b"iopub", b"", self.sub.recv_multipart())
+                    self._drain(self.sub, b"iopub", b"")
                 for (channel, ident), sock in list(self.routed.items()):
                     if sock in events:
-                        self._from_kernel(channel, ident, sock.recv_multipart())
+                        self._drain(sock, channel, ident)
                 if self.router in events:
                     self._from_peer(self.router.recv_multipart())
                 self._forget_silent()
@@ -194,6 +195,15 @@ class Keeper:
             self.sub.disable_monitor()
             for sock in [self.monitor, self.sub, self.router, *self.routed.values()]:
                 sock.close()
+
+    def _drain(self, sock, channel, ident):
+        """Take what the kernel sent on one socket, up to a batch (fewer polls)."""
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._from_kernel(channel, ident, frames)
 
     def _from_kernel(self, channel, ident, frames):
         if channel == b"iopub":
