@@ -29,7 +29,13 @@ from .errors import LaunchError, RemoteKernelError
 from .kernel_ports import KernelPorts
 from .kernel_settings import KernelSettings
 from .late_stop import stop_when_reachable
-from .launch_steps import LOG_TAIL_LINES, launch_failure, reach_error, upload
+from .launch_steps import (
+    LOG_TAIL_LINES,
+    launch_failure,
+    reach_error,
+    unencrypted_on_network,
+    upload,
+)
 from .pool import POOL
 from .recovery import Reconnecting
 from .signals import SIGKILL, SIGTERM
@@ -176,17 +182,7 @@ class RemoteKernel(Reconnecting):
     def _connection_info(
         self, session: Mapping[str, Any], curve: Mapping[str, str]
     ) -> dict[str, Any]:
-        """jupyter_client connection info: the local listeners plus the session settings
-        (and the Curve keys when the kernel encrypts: its client must use them too)."""
-        return {
-            "transport": "tcp",
-            "ip": "127.0.0.1",
-            **self.ports.connection_info(),
-            "key": session.get("key", ""),
-            "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
-            "kernel_name": session.get("kernel_name", ""),
-            **curve,
-        }
+        return self.ports.client_info(session, curve)
 
     async def _curve_keys(self, session: Mapping[str, Any]) -> dict[str, str]:
         """The Curve keys asked for, unless the remote ipykernel is too old to use them
@@ -195,11 +191,7 @@ class RemoteKernel(Reconnecting):
         spot = self.spot
         exposed = spot is not None and spot.network
         if spot is not None and exposed and not keys:
-            raise LaunchError(
-                f"the kernel would listen unencrypted on the network of {spot.label}; "
-                f'declare "supported_encryption": ["curve"] in kernel.json\'s metadata '
-                f"(`remote_kernel add` does for ipykernel) so that it runs with CurveZMQ"
-            )
+            raise unencrypted_on_network(spot.label)
         if not keys or settings.kernel_argv:
             return keys
         await self._agent_ready()

@@ -73,8 +73,19 @@ class KernelPorts:
         self.tunnel.retarget(None, {})
         self.tunnel.drop_connections()
 
-    def connection_info(self) -> dict[str, int]:
-        return {**self.tunnel.connection_info(), **self.link.connection_info()}
+    def client_info(self, session: Mapping[str, Any], curve: Mapping[str, str]) -> dict[str, Any]:
+        """jupyter_client connection info: our listeners plus the session settings (and the
+        Curve keys when the kernel encrypts: its client must use them too)."""
+        return {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            **self.tunnel.connection_info(),
+            **self.link.connection_info(),
+            "key": session.get("key", ""),
+            "signature_scheme": session.get("signature_scheme", "hmac-sha256"),
+            "kernel_name": session.get("kernel_name", ""),
+            **curve,
+        }
 
     async def close(self) -> None:
         await self.tunnel.close()

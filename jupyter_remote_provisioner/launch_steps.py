@@ -83,3 +83,12 @@ def launch_failure(reply: Mapping[str, Any], settings: KernelSettings) -> Launch
     return LaunchError(
         f"remote kernel on {where}: {error}" + (f"; its output: {tail}" if tail else "")
     )
+
+
+def unencrypted_on_network(node: str) -> LaunchError:
+    """A kernel on a network address (a Slurm node's) whose spec does not declare Curve."""
+    return LaunchError(
+        f"the kernel would listen unencrypted on the network of {node}; "
+        f'declare "supported_encryption": ["curve"] in kernel.json\'s metadata '
+        f"(`remote_kernel add` does for ipykernel) so that it runs with CurveZMQ"
+    )
