@@ -79,8 +79,6 @@ class SessionLink:
         self._session: Session | None = None
         self.rid = os.urandom(8).hex().encode("ascii")  # our id for the keeper, way up
         self.stream = b""  # the keeper's stream (one per kernel process)
-        self.dropped = 0  # messages the keeper dropped, as we were told (for tests, bench)
-        self.delivered_at = 0.0  # monotonic time a message was last handed to the client
         self.adopted = False  # a kept kernel reattached: see foreign_output.py
 
     def bind(
@@ -195,7 +193,6 @@ class SessionLink:
     def note(self, parent_frames: list[bytes], dropped: int, limit: int) -> list[bytes]:
         """The note of a gap: a stderr stream message in the cell of the message after it."""
         assert self._session is not None
-        self.dropped += dropped
         self.log.warning(
             "%d output message(s) of the kernel were dropped while no client was connected "
             "(output_buffer: %g MiB)", dropped, limit / (1 << 20),
@@ -396,7 +393,6 @@ class _Pump:
             self.pending.popleft()
             self.handed = max(self.handed, seq)
             self.unacked += sum(len(f) for f in frames)
-            self.link.delivered_at = time.monotonic()
         self._gate()
 
     def _acknowledge(self) -> None:
