@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import zmq
 
+from .encryption import use_curve
 from .tunnel import CHANNELS, LOOPBACK, bind_error
 
 SOCKET_TYPES = {"iopub": (zmq.XPUB, zmq.XSUB)}  # the others: ROUTER in front, DEALER behind
@@ -28,7 +29,7 @@ class CurveBridge:
     """Five proxies from the client's plain ports to the forwards of an encrypting kernel."""
 
     def __init__(self, keys: Mapping[str, str]) -> None:
-        self.keys = {name: value.encode("ascii") for name, value in keys.items()}
+        self.keys = dict(keys)
         self.context = zmq.Context()
         self._front: dict[str, zmq.Socket[bytes]] = {}
         self._threads: list[threading.Thread] = []
@@ -53,9 +54,7 @@ class CurveBridge:
         for name in CHANNELS:
             sock = self.context.socket(SOCKET_TYPES.get(name, (zmq.ROUTER, zmq.DEALER))[1])
             sock.linger = 0
-            sock.curve_secretkey = self.keys["curve_secretkey"]
-            sock.curve_publickey = self.keys["curve_publickey"]
-            sock.curve_serverkey = self.keys["curve_publickey"]
+            use_curve(sock, self.keys, server=False)
             if name in SHARED_IDENTITY:
                 sock.routing_id = identity
             sock.connect(f"tcp://{LOOPBACK}:{ports[f'{name}_port']}")

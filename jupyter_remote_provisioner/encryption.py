@@ -134,3 +134,16 @@ def usable_keys(
         "unencrypted over %s", ipykernel, host, transport,
     )  # fmt: skip
     return {}
+
+
+def use_curve(sock: zmq.Socket[bytes], keys: Mapping[str, str], server: bool) -> None:
+    """Make ``sock`` speak CurveZMQ with ``keys`` (none: leave it plain): as the kernel's
+    side (``server``) or as its client. Kernel and clients share one key pair."""
+    if not keys:
+        return
+    sock.curve_secretkey = keys["curve_secretkey"].encode("ascii")
+    sock.curve_publickey = keys["curve_publickey"].encode("ascii")
+    if server:
+        sock.curve_server = True
+    else:
+        sock.curve_serverkey = keys["curve_publickey"].encode("ascii")

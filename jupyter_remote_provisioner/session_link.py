@@ -28,6 +28,7 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session
 
+from .encryption import use_curve
 from .foreign_output import ForeignOutput
 from .tunnel import LOOPBACK, bind_error
 
@@ -39,17 +40,6 @@ HEARTBEAT = 1.0  # seconds between acknowledgements when nothing flows
 IOPUB_WAIT = 10.0  # seconds an iopub message waits for a subscriber before it is dropped
 BATCH = 256  # messages taken from the keeper in one go
 Socket = zmq.Socket[bytes]
-
-
-def _curve(sock: Socket, keys: Mapping[str, str], server: bool) -> None:
-    if not keys:
-        return
-    sock.curve_secretkey = keys["curve_secretkey"].encode("ascii")
-    sock.curve_publickey = keys["curve_publickey"].encode("ascii")
-    if server:
-        sock.curve_server = True
-    else:
-        sock.curve_serverkey = keys["curve_publickey"].encode("ascii")
 
 
 def _unregister(poller: zmq.Poller, sock: Socket) -> None:
@@ -128,7 +118,7 @@ class SessionLink:
         else:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone client is an error, not a hang
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting takes its place
-        _curve(sock, keys, server=True)
+        use_curve(sock, keys, server=True)
         try:
             sock.bind(f"tcp://{LOOPBACK}:{port}")
         except zmq.ZMQError as exc:
@@ -185,7 +175,7 @@ class SessionLink:
         back.linger = 0
         back.setsockopt(zmq.RECONNECT_IVL, 50)
         back.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        _curve(back, keys, server=False)
+        use_curve(back, keys, server=False)
         monitor = back.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         back.connect(f"tcp://{LOOPBACK}:{port}")
         return back, monitor
